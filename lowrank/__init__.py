@@ -1,0 +1,52 @@
+"""lowrank: LoRA and QLoRA fine-tuning for PyTorch models, from scratch.
+
+    import lowrank
+    lowrank.quantize(model)                                   # optional: frozen linear weights -> NF4 (QLoRA)
+    lowrank.inject(model, targets=["q_proj", "v_proj"], r=8, alpha=32, dropout=0.1)
+    ...train...
+    lowrank.save_adapter(model, "out/adapter")                # PEFT-readable safetensors
+    lowrank.eject(model)                                      # the original modules, untouched
+
+Importing this package does no work: no CUDA initialisation, no triton import, no transformers import.
+"""
+
+from . import nf4, testing
+from .inject import (
+    adapter_parameters,
+    adapter_state_dict,
+    disabled,
+    eject,
+    inject,
+    lora_layers,
+    merge,
+    summary,
+    unmerge,
+)
+from .io import load_adapter, save_adapter, save_merged
+from .lora import LoRALinear
+from .nf4 import NF4Tensor
+from .nf4_linear import NF4Linear, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear",
+    "NF4Linear",
+    "NF4Tensor",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "disabled",
+    "eject",
+    "inject",
+    "load_adapter",
+    "lora_layers",
+    "merge",
+    "nf4",
+    "quantize",
+    "save_adapter",
+    "save_merged",
+    "summary",
+    "testing",
+    "unmerge",
+    "__version__",
+]

@@ -1,0 +1,138 @@
+"""Which modules of a model a call acts on: linear-layer detection and PEFT-style target matching.
+
+One place for the rules that `inject`, `quantize` and `load_adapter` share:
+
+* a *linear layer* is an ``nn.Linear``, a Hugging Face ``Conv1D`` (GPT-2; weight stored transposed as
+  (in_features, out_features)), recognised by class name so transformers is never imported, or any module whose
+  class sets ``_lowrank_linear = True`` (our ``NF4Linear``);
+* ``targets`` is a list of names (a module matches an entry when its qualified name equals it or ends with
+  ``"." + entry``), a single string (a regular expression that must match the whole qualified name), a callable
+  ``(name, module) -> bool``, or ``"all-linear"`` (every linear layer except the output head);
+* ``exclude`` takes the same forms (but not ``"all-linear"``) and wins over ``targets``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+import torch.nn as nn
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's ``Conv1D`` (a linear layer with weight of shape (in_features, out_features))."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layer types lowrank can adapt or quantize: nn.Linear, HF Conv1D, NF4Linear."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or getattr(type(module), "_lowrank_linear", False)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer, whatever its weight layout."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    return int(module.in_features), int(module.out_features)
+
+
+def _is_wrapped(name: str, wrapped_prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p) for p in wrapped_prefixes)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linear layers of ``model`` (layers inside a LoRA wrapper count as the wrapper)."""
+    from .lora import LoRALinear  # local: lora.py imports this module
+
+    names, wrapped = [], []
+    for name, module in model.named_modules():
+        if _is_wrapped(name, wrapped):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped.append(name + ".")
+            names.append(name)
+        elif is_linear(module):
+            names.append(name)
+    return names
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s): the module returned by ``get_output_embeddings()``, else any ``lm_head``."""
+    heads = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or name == "lm_head" or name.endswith(".lm_head"):
+            heads.add(name)
+    return heads
+
+
+def _matcher(spec, what: str) -> Callable[[str, nn.Module], bool]:
+    if callable(spec) and not isinstance(spec, str):
+        return lambda name, module: bool(spec(name, module))
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{what}={spec!r} is not a valid regular expression: {e}") from None
+        return lambda name, module: pattern.fullmatch(name) is not None
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        entries = list(spec)
+        if not entries or not all(isinstance(t, str) and t for t in entries):
+            raise ValueError(f"{what} must be a non-empty list of non-empty module names, got {spec!r}")
+        return lambda name, module: any(name == t or name.endswith("." + t) for t in entries)
+    raise TypeError(f"{what} must be a list of names, a regex string, a callable or 'all-linear', got {type(spec)}")
+
+
+def find_targets(model: nn.Module, targets, exclude=None, *, allow_head: bool = True) -> list[tuple[str, nn.Module]]:
+    """Resolve ``targets`` / ``exclude`` to ``[(qualified_name, module)]`` in module order.
+
+    Matches every module of the model (not only linear ones), so callers can reject matches of the wrong type
+    with a precise message. Modules inside a LoRA wrapper are never listed (the wrapper is). With
+    ``targets="all-linear"`` the result is every linear layer except the output head.
+
+    Raises:
+        ValueError: nothing matched (the message lists the linear layers the model has), or a list entry
+            matched no module (a typo would otherwise be silently ignored).
+    """
+    from .lora import LoRALinear
+
+    if targets == "all-linear":
+        heads = output_head_names(model)
+        target_fn = lambda name, module: name not in heads and (is_linear(module) or isinstance(module, LoRALinear))  # noqa: E731
+    else:
+        target_fn = _matcher(targets, "targets")
+    exclude_fn = _matcher(exclude, "exclude") if exclude is not None else (lambda name, module: False)
+
+    found, wrapped = [], []
+    for name, module in model.named_modules():
+        if not name or _is_wrapped(name, wrapped):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped.append(name + ".")
+        if target_fn(name, module) and not exclude_fn(name, module):
+            found.append((name, module))
+
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in found)]
+        if unmatched and found:
+            raise ValueError(
+                f"targets {unmatched} matched no module of {type(model).__name__} (others did). "
+                f"Linear layers: {_summarise(linear_layer_names(model))}"
+            )
+    if not found:
+        raise ValueError(
+            f"targets={targets!r} (exclude={exclude!r}) matched no module of {type(model).__name__}. "
+            f"Its linear layers are: {_summarise(linear_layer_names(model))}"
+        )
+    return found
+
+
+def _summarise(names: list[str], limit: int = 12) -> str:
+    """Unique leaf names first (what users pass as targets), then a few full names."""
+    if not names:
+        return "(none)"
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"leaf names {leaves}; full names: {shown}"

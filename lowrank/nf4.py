@@ -1,0 +1,3 @@
+# placeholder: being written (issue 3)
+class NF4Tensor:
+    pass
