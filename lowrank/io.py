@@ -1,4 +1,465 @@
-# placeholder: being written (issue 5)
-def _todo(*a, **k):
-    raise NotImplementedError
-load_adapter = save_adapter = save_merged = _todo
+"""Adapter files: save and load LoRA adapters in the layout PEFT reads and writes, and export merged models.
+
+An adapter directory holds two files:
+
+* ``adapter_model.safetensors``: for every adapted layer ``<name>`` (its qualified module name),
+  ``base_model.model.<name>.lora_A.weight`` of shape (r, in_features) and ``base_model.model.<name>.lora_B.weight``
+  of shape (out_features, r), contiguous, in their stored dtype (float32 unless the user cast them), with
+  safetensors metadata ``{"format": "pt"}``. The layout is the same for Conv1D layers (PEFT keeps A and B in the
+  nn.Linear orientation and only transposes the merged delta).
+* ``adapter_config.json``: PEFT's ``LoraConfig`` fields. ``r`` / ``lora_alpha`` are the most common values and
+  layers that differ are listed under ``rank_pattern`` / ``alpha_pattern`` by full module name (PEFT resolves a
+  pattern key ``k`` for module ``m`` with ``re.match(rf"(.*\\.)?({k})$", m)``; we use the same rule when reading).
+  ``fan_in_fan_out`` is true when any adapted layer is a Conv1D: PEFT decides per layer from the layer type anyway
+  (it flips the flag for an nn.Linear or Conv1D that disagrees, with a warning), so a model that mixes both loads
+  correctly in PEFT, and lowrank ignores the flag when reading.
+
+Writes are atomic per file: each file is written to a temporary name in the same directory, flushed to disk and
+renamed over the destination (``os.replace``), weights first, config last. A crash leaves each file either complete
+old or complete new, and a fresh directory without a config (which ``load_adapter`` rejects). We do not swap whole
+directories because users keep other files next to the adapter (README, tokenizer) and PEFT writes in place too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ._match import is_linear, linear_features
+from .inject import eject, inject, lora_layers
+from .lora import LoRALinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+MERGED_NAME = "model.safetensors"
+_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
+
+# Config fields lowrank reads: name -> PEFT's default (PEFT silently uses these when a field is missing, so we do too).
+_USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+# Accepted whatever their value: metadata, target selection (targets come from the tensor names), weight
+# initialisation (the file holds the trained weights) and switches that only act together with a rejected field.
+_IGNORED = {
+    "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying",
+}  # fmt: skip
+# Features that change the forward pass or add tensors lowrank does not have: rejected unless at their default.
+_UNSUPPORTED = {
+    "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None, "layer_replication": None,
+    "use_qalora": False, "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
+    "megatron_config": None,
+}  # fmt: skip
+_KNOWN = set(_USED) | _IGNORED | set(_UNSUPPORTED)
+
+
+def _is_default(value, default) -> bool:
+    # PEFT writes both null and empty containers for "off"; an unknown field that is off is harmless.
+    return value == default or value in (None, False, [], {}, "")
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _atomic_write(dest: Path, write: Callable[[str], None]) -> None:
+    """Write ``dest`` through a temporary file in the same directory, fsync it, then rename it into place."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same filesystem: rename is atomic
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX; Windows cannot open directories)
+        fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies; tensors sharing storage (tied weights) are cloned, which safetensors needs."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        t = t.to("cpu").contiguous()
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _adapter_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None) -> dict:
+    rslora = {bool(layer.rslora) for _, layer in layers}
+    if len(rslora) > 1:
+        raise ValueError("PEFT's config has one use_rslora flag, but some adapted layers use rsLoRA and others do not")
+    r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
+    alpha = Counter(float(layer.alpha) for _, layer in layers).most_common(1)[0][0]
+    dropouts = Counter(float(layer.dropout_p) for _, layer in layers)
+    if len(dropouts) > 1:
+        warnings.warn(f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common")
+    rank_pattern = {name: int(layer.r) for name, layer in layers if layer.r != r}
+    alpha_pattern = {name: _number(layer.alpha) for name, layer in layers if float(layer.alpha) != alpha}
+    for name, layer in layers:  # the pattern keys are regexes to PEFT: make sure each resolves to its own layer
+        if pattern_value(rank_pattern, name, r) != layer.r or pattern_value(alpha_pattern, name, alpha) != layer.alpha:
+            raise ValueError(f"cannot express the rank/alpha of {name!r} with PEFT's rank_pattern/alpha_pattern")
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": _number(alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": [name for name, _ in layers],
+        "exclude_modules": None,
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "use_rslora": rslora.pop(),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA adapters to ``path/adapter_model.safetensors`` and ``path/adapter_config.json``.
+
+    The files are the ones PEFT's ``save_pretrained`` writes, so ``PeftModel.from_pretrained(base, path)`` loads
+    them. A merged model is saved the same way: the file holds A and B, never merged weights.
+
+    Args:
+        model: a model with adapters from ``lowrank.inject``.
+        path: the directory (created if needed; other files in it are left alone).
+        base_model_name_or_path: recorded in the config; by default the model's ``name_or_path`` when it has one.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: the model has no adapters, an adapter holds NaN/inf, or the layers mix rsLoRA and plain LoRA.
+    """
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to save (call lowrank.inject first)")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    config = _adapter_config(layers, base_model_name_or_path)
+    tensors, bad = {}, []
+    for name, layer in layers:
+        for part in ("lora_A", "lora_B"):
+            t = getattr(layer, part)
+            if not torch.isfinite(t).all():
+                bad.append(f"{name}.{part}")
+            tensors[f"base_model.model.{name}.{part}.weight"] = t
+    if bad:
+        raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
+    tensors = _cpu_tensors(tensors)
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    # NF4Linear, by its duck type (as LoRALinear recognises it): io.py need not import the NF4 machinery.
+    return bool(getattr(type(module), "_lowrank_linear", False)) and callable(getattr(module, "dequantize_weight", None))
+
+
+def _dense_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of the dense weight written for a base: its own, or for NF4 the compute dtype (else the original)."""
+    if _is_quantized(module):
+        return module.compute_dtype or module.dtype
+    return module.weight.dtype
+
+
+def _merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """W0 + scale * B @ A in the base's layout, summed in float32 (float64 if wider) and rounded once."""
+    dtype = _dense_dtype(layer.base)
+    wide = torch.promote_types(torch.promote_types(torch.float32, layer.lora_A.dtype), dtype)
+    # dense_base_weight is W0 (out, in) whatever the merge state: a merged layer keeps its original weight aside.
+    weight = (layer.dense_base_weight(wide) + layer.delta_weight(wide)).to(dtype)
+    return weight.T if layer.fan_in_fan_out else weight  # Conv1D stores (in, out)
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the merged model's full state dict, with the original (un-adapted, un-quantized) key names.
+
+    Every adapted layer ``<name>`` becomes ``<name>.weight`` = W0 + scale * B @ A (Conv1D: transposed back to its
+    (in, out) layout), summed in float32 (float64 for a float64 base) and rounded once to the base dtype, plus
+    ``<name>.bias``; the ``lora_A`` / ``lora_B`` keys are dropped. NF4 layers, adapted or not, become a dense
+    ``<name>.weight`` of shape (out, in): dequantized (+ the delta) in the layer's ``compute_dtype``, or its original
+    weight dtype when ``compute_dtype`` is None, with the bias in the same dtype. The 4-bit rounding stays in the
+    weights: the file reproduces the quantized model, not the model before quantization. NF4Linear does not record
+    whether it was quantized from a Conv1D, so such layers come out in nn.Linear (out, in) layout. Tensors that
+    share storage (tied embeddings) are written under each key, so ``load_state_dict(..., strict=True)`` works.
+    The model is not modified: a merged model stays merged, an unmerged one unmerged (the result is the same).
+
+    Args:
+        model: any model, with or without adapters and NF4 layers.
+        path: the ``.safetensors`` file to write, or an existing directory (then ``<path>/model.safetensors``).
+
+    Returns:
+        The file written.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        dest = dest / MERGED_NAME
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            dense[name] = (_merged_weight(layer), layer.base.bias)
+        wrapped = tuple(name + "." for name in dense)
+        for name, module in model.named_modules():
+            if _is_quantized(module) and not name.startswith(wrapped):
+                dense[name] = (module.dequantize_weight(_dense_dtype(module)), module.bias)
+    prefixes = tuple(name + "." for name in dense)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for name, (weight, bias) in dense.items():
+        state[f"{name}.weight"] = weight
+        if bias is not None:  # a dense layer keeps weight and bias in one dtype (NF4: the compute dtype)
+            state[f"{name}.bias"] = bias.detach().to(weight.dtype)
+    state = _cpu_tensors(state)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(dest, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def _read_config(directory: Path) -> dict:
+    """adapter_config.json -> {r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern}, validated."""
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {directory}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {raw.get('peft_type')!r}; lowrank loads only LoRA adapters ('LORA')")
+    unsupported = {k: v for k, v in raw.items() if k in _UNSUPPORTED and not _is_default(v, _UNSUPPORTED[k])}
+    unknown = {k: v for k, v in raw.items() if k not in _KNOWN and not _is_default(v, None)}
+    if unsupported or unknown:
+        raise ValueError(
+            f"{file} uses features lowrank does not support: {unsupported | unknown} "
+            f"(supported: plain LoRA with bias='none'; fields read: {sorted(_USED)})"
+        )
+    cfg = {k: raw.get(k, default) for k, default in _USED.items()}
+    cfg = {k: (_USED[k] if v is None else v) for k, v in cfg.items()}  # PEFT writes null for "default"
+
+    def positive_number(key, value, integer):
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not ok or value <= 0:
+            kind = "a positive integer" if integer else "a positive number"
+            raise ValueError(f"{file}: {key} must be {kind}, got {value!r}")
+
+    positive_number("r", cfg["r"], True)
+    positive_number("lora_alpha", cfg["lora_alpha"], False)
+    p = cfg["lora_dropout"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {p!r}")
+    if not isinstance(cfg["use_rslora"], bool):
+        raise ValueError(f"{file}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        if not isinstance(cfg[key], dict):
+            raise ValueError(f"{file}: {key} must be an object mapping module patterns to values")
+        for pattern, value in cfg[key].items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regular expression: {e}") from None
+            positive_number(f"{key}[{pattern!r}]", value, integer)
+    return cfg
+
+
+def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """adapter_model.safetensors -> {module name: {"lora_A": A, "lora_B": B}}, keys and tensors validated."""
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        pickle = " (found adapter_model.bin: pickled adapters are not loaded, convert them to safetensors)"
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}" + (pickle if (directory / "adapter_model.bin").exists() else ""))
+    try:
+        with safe_open(str(file), framework="pt") as f:  # parses and checks the header before any data is read
+            f.keys()
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for bad headers and truncated data
+        raise ValueError(f"{file} is not a valid safetensors file (truncated or another format?): {e}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, t in tensors.items():
+        m = _KEY.fullmatch(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        pairs.setdefault(m["name"], {})[m["part"]] = t
+    if unknown:
+        raise ValueError(
+            f"{file}: tensors {sorted(unknown)[:8]} are not LoRA weights in PEFT's layout "
+            "'base_model.model.<module>.lora_A[.default].weight' / '...lora_B...' (DoRA, biases, embeddings and "
+            "modules_to_save are not supported)"
+        )
+    if not pairs:
+        raise ValueError(f"{file} holds no LoRA tensors")
+    missing = [f"{name}.{part}" for name, p in pairs.items() for part in ("lora_A", "lora_B") if part not in p]
+    if missing:
+        raise ValueError(f"{file}: missing tensors {missing} (each adapted module needs both lora_A and lora_B)")
+    for name, p in pairs.items():
+        for part, t in p.items():
+            if not t.is_floating_point():
+                raise ValueError(f"{file}: {name}.{part} has dtype {t.dtype}; LoRA weights must be floating point")
+            if not torch.isfinite(t.float()).all():  # float(): also catches float64 values that overflow float32
+                raise ValueError(f"{file}: {name}.{part} holds NaN or inf (or values beyond the float32 range)")
+    return pairs
+
+
+def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -> list[tuple[str, int, float]]:
+    """Check every tensor pair against the model and the config; return [(name, r, alpha)] of the layers to load."""
+    existing = dict(lora_layers(model))
+    modules = dict(model.named_modules())
+    if existing:
+        unmatched = sorted(set(pairs) - set(existing))
+        if strict and set(pairs) != set(existing):
+            raise ValueError(
+                f"the model already has adapters, but on other modules than {where}: file only {unmatched[:8]}, "
+                f"model only {sorted(set(existing) - set(pairs))[:8]} (lowrank.eject the model to load a new adapter)"
+            )
+        merged = [name for name in pairs if name in existing and existing[name].merged]
+        if merged:
+            raise ValueError(f"adapters of {merged[:8]} are merged into the base weights; call lowrank.unmerge first")
+    else:
+        unmatched = sorted(name for name in pairs if name not in modules)
+        if strict and unmatched:
+            raise ValueError(f"{where}: tensors for modules the model does not have: {unmatched[:8]}")
+    plan = []
+    order = {name: i for i, name in enumerate(modules)}  # check (and report) in module order, not file order
+    for name in sorted(set(pairs) - set(unmatched), key=order.__getitem__):
+        p = pairs[name]
+        module = existing.get(name) or modules[name]
+        if not (isinstance(module, LoRALinear) or is_linear(module)):
+            raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not a linear layer")
+        if isinstance(module, LoRALinear):
+            in_features, out_features = module.in_features, module.out_features
+        else:
+            in_features, out_features = linear_features(module)
+        r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+        alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        a, b = p["lora_A"], p["lora_B"]
+        if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
+            raise ValueError(
+                f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the config gives r={r} "
+                f"and the module is {in_features} -> {out_features}: expected ({r}, {in_features}) and "
+                f"({out_features}, {r})"
+            )
+        if isinstance(module, LoRALinear):
+            want, have = _scale(alpha, r, cfg["use_rslora"]), module.scale
+            if module.r != r or not math.isclose(want, have, rel_tol=1e-6):
+                raise ValueError(
+                    f"{name} already has an adapter with r={module.r}, scale={have:g}; {where} has r={r}, "
+                    f"scale={want:g} (alpha={alpha}, rslora={cfg['use_rslora']}). lowrank.eject the model first"
+                )
+        plan.append((name, r, alpha))
+    if not plan:
+        raise ValueError(f"{where}: no tensor matches a module of the model (strict=False skipped {unmatched[:8]})")
+    if unmatched:
+        warnings.warn(f"load_adapter(strict=False) skipped tensors for {unmatched[:8]} (no such adapted module)")
+    return plan
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load an adapter written by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``.
+
+    The adapted modules are the ones named by the tensor keys (``base_model.model.<name>.lora_A[.default].weight``),
+    not the config's ``target_modules`` (which may be a regex or suffixes). A model without adapters gets them
+    injected with the config's r, lora_alpha, lora_dropout, use_rslora and rank_pattern / alpha_pattern (resolved
+    as PEFT does); a model that already has adapters must have them on exactly those modules with the same r and
+    scale, and only the weights are replaced. Bases may be nn.Linear, Conv1D or NF4Linear. Weights are cast to the
+    adapter parameters' dtype (float32). Fields PEFT writes that only select targets or initialise weights are
+    ignored; features that change the forward (DoRA, lora_bias, bias != "none", modules_to_save, ...) are refused.
+
+    Everything (files, JSON, fields, tensor names, shapes, dtypes, finiteness) is checked before the model is
+    touched: on any error the model is exactly as it was.
+
+    Args:
+        model: the base model (plain, quantized with ``lowrank.quantize``, or already adapted).
+        path: the adapter directory.
+        strict: if False, tensors for modules the model lacks (or, for an adapted model, for modules it has not
+            adapted) are skipped with a warning, and an adapted model may keep layers the file does not cover.
+
+    Returns:
+        ``model``, with the adapter loaded (y = base(x) + scale * dropout(x) A^T B^T per adapted layer).
+
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing.
+        ValueError: anything else that is wrong with the files or does not fit the model (the message says what).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    cfg = _read_config(directory)
+    pairs = _read_tensors(directory)
+    plan = _plan(model, cfg, pairs, strict, directory)
+    if not any(True for _ in lora_layers(model)):
+        groups: dict[tuple[int, float], set[str]] = {}
+        for name, r, alpha in plan:
+            groups.setdefault((r, alpha), set()).add(name)
+        grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for (r, alpha), names in groups.items():
+                # A callable target: exact names (a list entry would also match longer names ending with it).
+                inject(model, lambda n, m, names=names: n in names, r=r, alpha=alpha,
+                       dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])  # fmt: skip
+        except BaseException:
+            eject(model)  # the model had no adapters: removing all of them restores it
+            for p, flag in grad_flags:  # inject froze the other parameters
+                p.requires_grad_(flag)
+            raise
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for name, _, _ in plan:
+            layers[name].lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
+            layers[name].lora_B.copy_(pairs[name]["lora_B"])
+    return model

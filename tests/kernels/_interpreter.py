@@ -1,0 +1,61 @@
+"""How the kernel tests run: compiled on CUDA in-process, and in Triton's CPU interpreter in a subprocess.
+
+Why a subprocess: ``@triton.jit`` picks interpreter or compiler when it decorates (at import), and triton's
+own modules read TRITON_INTERPRET lazily for the whole life of the process (unsetting it after the import breaks
+later launches). Setting it in this pytest process would therefore leak into every test module that runs
+afterwards (and fails if anything imported triton first). So each kernel test module, in the normal pytest
+process, owns one test that re-runs the module with ``TRITON_INTERPRET=1`` in a fresh interpreter; in that
+child (``INTERPRETER_CHILD``) the device-parametrized tests take the ``"cpu"`` device and nothing else.
+
+Under pytest's default "prepend" import mode this folder is on sys.path, so test modules import this file as
+``_interpreter``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_CHILD_FLAG = "LOWRANK_KERNEL_TEST_CHILD"
+INTERPRETER_CHILD = os.environ.get(_CHILD_FLAG) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def devices() -> list:
+    """Device parameters: ``"cpu"`` in the interpreter child; ``"cuda"`` (marked ``gpu``) in the normal process."""
+    if INTERPRETER_CHILD:
+        return ["cpu"]
+    return [pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0) -> str:
+    """Run one test module under TRITON_INTERPRET=1 in a fresh pytest; raise with its output if anything fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
+    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"interpreter run of {Path(module_file).name} failed (rc {done.returncode}):\n{out[-8000:]}")
+    summary = [line for line in out.splitlines() if " passed" in line]
+    if not summary or "skipped" in summary[-1] or "deselected" in summary[-1]:
+        pytest.fail(f"interpreter run of {Path(module_file).name} ran no tests or skipped some:\n{out[-4000:]}")
+    return summary[-1]
+
+
+@pytest.fixture
+def kernels():
+    """The kernel modules (imported lazily: the normal CPU process never imports triton)."""
+    from lowrank.kernels import nf4_dequant, nf4_matmul
+
+    class _K:
+        dequant, matmul = nf4_dequant, nf4_matmul
+
+    if INTERPRETER_CHILD and not nf4_dequant.interpreting():
+        pytest.fail("TRITON_INTERPRET=1 is set but the kernels were built for the compiler (triton imported first)")
+    return _K
+

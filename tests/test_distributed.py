@@ -1,0 +1,227 @@
+"""DDP and FSDP2 with LoRA and QLoRA: 2 gloo processes on CPU against one process on the global batch.
+
+One launch of tests/dist_worker.py (2 ranks, all scenarios, ~15 s) feeds every test in this file; the single-process
+references are computed here with the worker's own model/batch builders, so parallelism is the only difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import dist_worker as W
+import lowrank
+from lowrank.distributed import gathered_adapters
+
+pytest.importorskip("transformers")
+
+WORLD = 2
+# float32 on CPU: DDP/FSDP average two half-batch gradients where one process reduces the whole batch, so sums
+# are rounded in a different order (~1e-7 relative per gradient). Measured after 3 AdamW steps: max |diff| 3e-9
+# (LoRA) and 4e-9 (QLoRA) on parameters of size ~0.1; 2e-8 leaves a 5x margin and is far below one step (1e-2).
+PARAM_ATOL = 2e-8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], log_dir: Path, timeout: float = 240.0) -> list[tuple[int, str]]:
+    """Start WORLD ranks of ``script`` (env:// rendezvous on a free port); return [(exit code, log)] per rank.
+
+    Each rank runs in its own session; whatever happens (timeout, test interrupted), every rank's process group is
+    killed in ``finally`` so no worker outlives the test.
+    """
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    procs, logs = [], []
+    try:
+        for rank in range(WORLD):
+            log = open(log_dir / f"rank{rank}.log", "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
+                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in logs:
+            log.close()
+    return [(p.returncode, (log_dir / f"rank{r}.log").read_text()) for r, p in enumerate(procs)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    results = launch(Path(W.__file__), [str(out)], out)
+    return out, results
+
+
+def load(out: Path, scenario: str) -> list[dict]:
+    found = [torch.load(out / f"{scenario}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(found):
+        assert "error" not in res, f"rank {r} failed in {scenario}:\n{res['error']}"
+    return found
+
+
+_REFERENCES: dict = {}
+
+
+def reference(kind: str):
+    """One process, the whole global batch: (model, losses)."""
+    if kind not in _REFERENCES:
+        torch.set_num_threads(1)  # the workers' setting, so matmuls block the same way
+        model = W.Skippy() if kind == "skippy" else W.build_llama(qlora=kind == "qlora")
+        losses = W.train(model, W.skippy_loss if kind == "skippy" else W.llama_loss)
+        _REFERENCES[kind] = (model, losses)
+    return _REFERENCES[kind]
+
+
+def assert_adapters_close(got: dict, want_model: nn.Module, atol: float = PARAM_ATOL):
+    want = lowrank.adapter_state_dict(want_model)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        diff = (got[k] - want[k]).abs().max().item()
+        print("DIFF", k, diff)
+        assert diff <= atol, f"{k}: max |diff| {diff:.3g} > {atol}"
+
+
+def test_all_ranks_exit_cleanly(runs):
+    # The worker ends with barrier -> destroy_process_group; both ranks must exit 0 with nothing on stderr that
+    # looks like a torn-down peer (gloo reports "Connection closed by peer" when one rank leaves early).
+    _, results = runs
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{log[-3000:]}"
+        assert "Connection closed" not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_matches_one_process_on_the_global_batch(runs, engine, kind):
+    out, _ = runs
+    model, losses = reference(kind)
+    ranks = load(out, f"{engine}_{kind}")
+    for res in ranks:
+        assert_adapters_close(res["adapters"], model)
+    # Each rank's loss is the mean over its half of the tokens; their average is the global-batch loss.
+    avg = [sum(r["losses"][i] for r in ranks) / WORLD for i in range(W.STEPS)]
+    assert avg == pytest.approx(losses, rel=1e-6)  # float32 loss, summed in a different order
+
+
+def test_training_moved_the_adapters():
+    # Guards the comparison above against a vacuous pass: 3 steps move each adapter far beyond PARAM_ATOL.
+    model, _ = reference("lora")
+    fresh = W.build_llama(qlora=False)
+    start = lowrank.adapter_state_dict(fresh)
+    for k, v in lowrank.adapter_state_dict(model).items():
+        assert (v - start[k]).abs().max().item() > 1000 * PARAM_ATOL, k
+
+
+def test_nf4_parameters_are_sharded(runs):
+    out, _ = runs
+    ranks = [r["nf4_bytes"] for r in load(out, "fsdp_qlora")]
+    assert ranks[0], "no NF4 parameters found under FSDP2"
+    assert ranks[0].keys() == ranks[1].keys()
+    names = ranks[0].keys()
+    # 4 tensors per NF4Linear: packed codes (uint8), absmax codes (uint8), nested absmax and offset (int32 bits).
+    assert {ranks[0][n][2] for n in names} == {"torch.uint8", "torch.int32"}
+    total = sum(ranks[0][n][0] for n in names)
+    held = [sum(r[n][1] for n in names) for r in ranks]
+    for n in names:
+        assert ranks[0][n][1] + ranks[1][n][1] == ranks[0][n][0], n  # the shards partition the tensor
+    for h in held:
+        # Each rank holds half, up to torch.chunk's rounding: one row of each tensor (one byte or one int32).
+        assert abs(h - total / 2) <= 4 * len(names), (held, total)
+
+
+def test_saved_adapter_equals_one_process(runs, tmp_path):
+    out, _ = runs
+    model, _ = reference("qlora")
+    lowrank.save_adapter(model, tmp_path / "single")
+    single = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    sharded = load_file(out / "fsdp_qlora_adapter" / "adapter_model.safetensors")
+    assert sorted(sharded) == sorted(single)
+    for k in single:
+        assert (sharded[k] - single[k]).abs().max().item() <= PARAM_ATOL, k
+    config = json.loads((out / "fsdp_qlora_adapter" / "adapter_config.json").read_text())
+    assert config == json.loads((tmp_path / "single" / "adapter_config.json").read_text())
+    # Rank 1 read the file after the barrier: it must see exactly what rank 0 gathered and wrote.
+    rank0, rank1 = load(out, "fsdp_qlora")
+    for k, v in rank0["adapters"].items():
+        assert torch.equal(rank1["reloaded"][k], v), k
+
+
+def test_load_into_sharded_model(runs):
+    # load_adapter on rank 0 inside gathered_adapters(writeback=True): the shards of both ranks get the file.
+    out, _ = runs
+    model = W.build_llama(qlora=False)
+    lowrank.load_adapter(model, out / "fsdp_lora_adapter")
+    with torch.no_grad():
+        want = model(input_ids=W.global_batch(0)).logits.chunk(WORLD)
+    for rank, res in enumerate(load(out, "load_sharded")):
+        # float32 logits of a model with the same weights; only the matmul split differs (batch rows).
+        torch.testing.assert_close(res["logits"], want[rank], rtol=0, atol=1e-5)
+
+
+def test_mixed_precision_does_not_cast_nf4_parameters(runs):
+    out, _ = runs
+    _, fp32_losses = reference("qlora")
+    for res in load(out, "fsdp_qlora_bf16"):
+        seen = res["seen"]
+        assert len(seen) == 7 * W.LLAMA["num_hidden_layers"]  # q k v o gate up down per layer
+        for name, (dtypes, diff, input_dtype) in seen.items():
+            assert input_dtype == "torch.bfloat16", name  # the policy is active: activations are bf16
+            assert dtypes == {"weight": "torch.uint8", "weight_absmax": "torch.uint8",
+                              "weight_absmax2": "torch.int32", "weight_offset": "torch.int32"}, name  # fmt: skip
+            assert diff == 0.0, f"{name}: dequantized weight changed by {diff} under the bf16 policy"
+    losses = [r["losses"][0] for r in load(out, "fsdp_qlora_bf16")]
+    # bf16 activations (8-bit mantissa) over 2 layers: the loss (~4.9) agrees with float32 to ~1e-2 relative.
+    assert sum(losses) / WORLD == pytest.approx(fp32_losses[0], rel=2e-2)
+
+
+def test_unused_adapter_under_ddp(runs):
+    out, _ = runs
+    ranks = load(out, "unused")
+    for res in ranks:
+        # Default DDP: the skipped layer's adapter never reports a gradient, and the next step refuses to run.
+        assert res["default_error"] is not None and "find_unused_parameters=True" in res["default_error"]
+    model, losses = reference("skippy")
+    for res in ranks:
+        assert_adapters_close(res["adapters"], model)  # DDP(find_unused_parameters=True)
+        assert_adapters_close(res["fsdp_adapters"], model)  # FSDP2 needs no flag
+    assert [sum(r["losses"][i] for r in ranks) / WORLD for i in range(W.STEPS)] == pytest.approx(losses, rel=1e-6)
+
+
+def test_gathered_adapters_without_sharding_is_a_no_op():
+    model = W.Skippy()
+    params = {k: v for k, v in model.named_parameters()}
+    with gathered_adapters(model, writeback=True) as m:
+        assert m is model
+        assert all(v is params[k] for k, v in model.named_parameters())
+
+
+def test_gathered_adapters_needs_adapters():
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        with gathered_adapters(model):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

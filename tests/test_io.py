@@ -1,0 +1,598 @@
+"""Adapter files (lowrank/io.py): layout, round trips, merged export, atomic writes, and every bad input.
+
+References are independent of the code under test: the exact key names and config fields PEFT reads, and a
+float64 dense forward W + scale * B @ A of the tiny model, written out below.
+"""
+
+import copy
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lowrank
+import lowrank.io as lio
+
+TARGETS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+# float32 forward vs the float64 reference through 5 layers of width <= 20 with |activations| ~ 1: rounding is a
+# few float32 ulps (6e-8) per dot product; 1e-5 leaves margin and is far below the adapters' effect (~0.5).
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    def __init__(self, dim=12, hidden=20):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim, bias=False)
+
+
+class Tiny(nn.Module):
+    """Two residual MLP blocks and a head; widths that are not powers of two."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.down(b.act(b.up(x)))
+        return self.head(x)
+
+
+def reference_forward(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """Tiny's forward in float64 from {layer name: (W, b or None)} dense weights."""
+    x = x.double()
+    for i in range(2):
+        h = F.gelu(F.linear(x, *weights[f"blocks.{i}.up"]))
+        x = x + F.linear(h, *weights[f"blocks.{i}.down"])
+    return F.linear(x, *weights["head"])
+
+
+def dense_weights(base: nn.Module, adapters: dict) -> dict:
+    """float64 W (+ scale * B @ A where adapted) per layer; ``adapters`` maps name -> (A, B, scale)."""
+    out = {}
+    for name in ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]:
+        layer = base.get_submodule(name)
+        w = layer.weight.double()
+        if name in adapters:
+            a, b, scale = adapters[name]
+            w = w + scale * b.double() @ a.double()
+        out[name] = (w, None if layer.bias is None else layer.bias.double())
+    return out
+
+
+def randomize(model):
+    """B starts at zero; random A and B make every adapter change the output."""
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            layer.lora_A.copy_(torch.randn_like(layer.lora_A) * 0.3)
+            layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.3)
+    return model
+
+
+def adapted(base, targets=TARGETS, **kw):
+    model = copy.deepcopy(base)
+    lowrank.inject(model, targets, **({"r": 4, "alpha": 8} | kw))
+    return randomize(model)
+
+
+def adapters_of(model) -> dict:
+    return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone(), l.scale) for n, l in lowrank.lora_layers(model)}
+
+
+def snapshot(model):
+    tensors = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    kinds = [(n, type(m).__name__, getattr(m, "merged", None)) for n, m in model.named_modules()]
+    return tensors, flags, kinds, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, snap):
+    tensors, flags, kinds, state = snapshot(model)
+    assert kinds == snap[2] and flags == snap[1]
+    for old, new in [(snap[0], tensors), (snap[3], state)]:
+        assert old.keys() == new.keys()
+        assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+@pytest.fixture
+def base():
+    return Tiny().eval()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 12)
+
+
+# ---------------------------------------------------------------------------------------------- save and load
+
+
+def test_round_trip_identical_outputs(tmp_path, base, x):
+    model = adapted(base)
+    lowrank.save_adapter(model, tmp_path)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [n for n, _ in lowrank.lora_layers(loaded)] == TARGETS
+    # Same weights, same ops, same order: bit-identical outputs.
+    assert torch.equal(loaded(x), model(x))
+    ref = reference_forward(dense_weights(base, adapters_of(model)), x)
+    torch.testing.assert_close(loaded(x).double(), ref, **F32_TOL)
+    assert (ref - base(x).double()).abs().max() > 0.1  # the adapters matter at this tolerance
+
+
+def test_file_layout_keys_and_config(tmp_path, base):
+    model = adapted(base, dropout=0.05)
+    assert lowrank.save_adapter(model, tmp_path, base_model_name_or_path="org/tiny") == tmp_path
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    expected_keys = {f"base_model.model.{t}.lora_{p}.weight" for t in TARGETS for p in "AB"}
+    assert set(tensors) == expected_keys
+    for name, layer in lowrank.lora_layers(model):
+        a, b = tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
+        assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, layer.lora_A) and torch.equal(b, layer.lora_B)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ["peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out"]} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "use_rslora": False,
+        "fan_in_fan_out": False,
+    }  # fmt: skip
+    assert config["target_modules"] == TARGETS and config["bias"] == "none"
+    assert config["base_model_name_or_path"] == "org/tiny"
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["use_dora"] is False
+
+
+def test_rank_and_alpha_patterns_round_trip(tmp_path, base, x):
+    model = copy.deepcopy(base)
+    lowrank.inject(model, ["up"], r=4, alpha=8)  # blocks.0.up, blocks.1.up
+    lowrank.inject(model, ["blocks.0.down"], r=2, alpha=8)
+    lowrank.inject(model, ["blocks.1.down", "head"], r=4, alpha=2.5)
+    randomize(model)
+    lowrank.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8)  # the most common values
+    assert config["rank_pattern"] == {"blocks.0.down": 2}
+    assert config["alpha_pattern"] == {"blocks.1.down": 2.5, "head": 2.5}
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    got = {n: (l.r, l.alpha, l.scale) for n, l in lowrank.lora_layers(loaded)}
+    assert got == {n: (l.r, l.alpha, l.scale) for n, l in lowrank.lora_layers(model)}
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_rslora_and_dropout_round_trip(tmp_path, base, x):
+    model = adapted(base, r=3, alpha=6, rslora=True, dropout=0.2)
+    lowrank.save_adapter(model, tmp_path)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    for _, layer in lowrank.lora_layers(loaded):
+        assert layer.rslora and layer.dropout_p == 0.2 and layer.scale == pytest.approx(6 / 3**0.5, rel=1e-15)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_merged_model_saves_the_adapter_not_merged_weights(tmp_path, base, x):
+    model = adapted(base)
+    before = adapters_of(model)
+    lowrank.merge(model)
+    lowrank.save_adapter(model, tmp_path)
+    assert all(layer.merged for _, layer in lowrank.lora_layers(model))  # saving does not unmerge
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for name, (a, b, _) in before.items():
+        assert torch.equal(tensors[f"base_model.model.{name}.lora_A.weight"], a)
+        assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], b)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(x).double(), reference_forward(dense_weights(base, before), x), **F32_TOL)
+
+
+def test_save_rejects_what_it_cannot_write(tmp_path, base):
+    with pytest.raises(ValueError, match="has no LoRA layers to save"):
+        lowrank.save_adapter(copy.deepcopy(base), tmp_path)
+    model = adapted(base, targets=["up"])
+    lowrank.inject(model, ["down"], r=4, alpha=8, rslora=True)
+    with pytest.raises(ValueError, match="one use_rslora flag"):
+        lowrank.save_adapter(model, tmp_path)
+    model = adapted(base)
+    with torch.no_grad():
+        model.blocks[1].down.lora_B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("non-finite adapter weights (NaN or inf) in ['blocks.1.down.lora_B']")):
+        lowrank.save_adapter(model, tmp_path)
+    assert not tmp_path.exists() or os.listdir(tmp_path) == []  # nothing written
+
+
+def test_failed_write_leaves_previous_adapter_intact(tmp_path, base, monkeypatch):
+    (tmp_path / "README.md").write_text("user notes")
+    lowrank.save_adapter(adapted(base), tmp_path)
+    old = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lio, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lowrank.save_adapter(adapted(base, r=2), tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == old  # no temp file left either
+
+
+def test_load_into_already_adapted_model_replaces_weights(tmp_path, base, x):
+    source = adapted(base, dropout=0.1)
+    lowrank.save_adapter(source, tmp_path)
+    target = adapted(base)  # same targets, r and alpha; other random weights; no dropout
+    layers_before = dict(lowrank.lora_layers(target))
+    lowrank.load_adapter(target, tmp_path)
+    assert dict(lowrank.lora_layers(target)) == layers_before  # the same modules, weights replaced
+    assert all(layer.dropout_p == 0.0 for layer in layers_before.values())  # the model's own dropout stays
+    assert torch.equal(target(x), source.eval()(x))
+
+
+def test_strict_false_skips_modules_the_model_lacks(tmp_path, base, x):
+    lowrank.save_adapter(adapted(base), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.extra.proj.lora_A.weight"] = torch.zeros(4, 3)
+    tensors["base_model.model.extra.proj.lora_B.weight"] = torch.zeros(3, 4)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=re.escape("modules the model does not have: ['extra.proj']")):
+        lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.warns(UserWarning, match="skipped tensors for"):
+        loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path, strict=False)
+    assert [n for n, _ in lowrank.lora_layers(loaded)] == TARGETS
+    # strict=False on an adapted model: it may keep adapters the file does not cover.
+    model = adapted(base, targets=TARGETS + ["head"])
+    head_b = model.head.lora_B.detach().clone()
+    with pytest.warns(UserWarning, match="skipped tensors for"):
+        lowrank.load_adapter(model, tmp_path, strict=False)
+    assert torch.equal(model.head.lora_B, head_b)
+
+
+def test_accepts_peft_variants_and_harmless_fields(tmp_path, base, x):
+    """'.default' key segments, null-valued fields, regex target_modules, other init schemes, unknown null fields."""
+    model = adapted(base)
+    lowrank.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config |= {
+        "target_modules": r".*\.(up|down)", "init_lora_weights": "pissa", "rank_pattern": None, "use_dora": False,
+        "modules_to_save": [], "layer_replication": None, "future_switch": None, "fan_in_fan_out": True,
+        "task_type": "CAUSAL_LM", "peft_version": "0.99.0", "loftq_config": {}, "exclude_modules": "head",
+    }  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_missing_fields_use_peft_defaults(tmp_path, base, x):
+    """PEFT reads a missing r / lora_alpha as 8; so do we (then the shapes must fit r = 8)."""
+    model = adapted(base, r=8, alpha=8)
+    lowrank.save_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert {(l.r, l.alpha, l.rslora) for _, l in lowrank.lora_layers(loaded)} == {(8, 8.0, False)}
+    assert torch.equal(loaded(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+DELETE = object()
+
+
+def edit_config(**changes):
+    def edit(d):
+        config = json.loads((d / "adapter_config.json").read_text())
+        for k, v in changes.items():
+            config.pop(k) if v is DELETE else config.__setitem__(k, v)
+        (d / "adapter_config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def edit_tensors(fn):
+    def edit(d):
+        tensors = load_file(d / "adapter_model.safetensors")
+        fn(tensors)
+        save_file(tensors, d / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    return edit
+
+
+def rename(old, new):
+    def fn(t):
+        for part in "AB":
+            t[f"base_model.model.{new}.lora_{part}.weight"] = t.pop(f"base_model.model.{old}.lora_{part}.weight")
+
+    return fn
+
+
+def write(name, data: bytes):
+    return lambda d: (d / name).write_bytes(data)
+
+
+def truncate(d):
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[:-10])
+
+
+A0, B1 = "base_model.model.blocks.0.up.lora_A.weight", "base_model.model.blocks.1.down.lora_B.weight"
+BAD_INPUTS = {
+    "no-config": (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "no adapter_config.json in"),
+    "no-weights": (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError, "no adapter_model.safetensors"),
+    "pickle-only": (
+        lambda d: ((d / "adapter_model.safetensors").rename(d / "adapter_model.bin")), FileNotFoundError,
+        "pickled adapters are not loaded",
+    ),
+    "bad-json": (write("adapter_config.json", b'{"peft_type": "LORA",'), ValueError, "is not valid JSON"),
+    "json-list": (write("adapter_config.json", b"[1, 2]"), ValueError, "must hold a JSON object, got list"),
+    "peft-type": (edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'; lowrank loads only LoRA"),
+    "no-peft-type": (edit_config(peft_type=DELETE), ValueError, "peft_type is None"),
+    "dora": (edit_config(use_dora=True), ValueError, "does not support: {'use_dora': True}"),
+    "lora-bias": (edit_config(lora_bias=True), ValueError, "does not support: {'lora_bias': True}"),
+    "bias-all": (edit_config(bias="all"), ValueError, "does not support: {'bias': 'all'}"),
+    "modules-to-save": (edit_config(modules_to_save=["head"]), ValueError, "'modules_to_save': ['head']"),
+    "layer-replication": (edit_config(layer_replication=[[0, 1]]), ValueError, "'layer_replication': [[0, 1]]"),
+    "unknown-field": (edit_config(future_feature={"on": 1}), ValueError, "'future_feature': {'on': 1}"),
+    "r-string": (edit_config(r="4"), ValueError, "r must be a positive integer, got '4'"),
+    "r-bool": (edit_config(r=True), ValueError, "r must be a positive integer, got True"),
+    "alpha-negative": (edit_config(lora_alpha=-8), ValueError, "lora_alpha must be a positive number, got -8"),
+    "dropout": (edit_config(lora_dropout=1.5), ValueError, "lora_dropout must be a number in [0, 1), got 1.5"),
+    "rslora-string": (edit_config(use_rslora="yes"), ValueError, "use_rslora must be true or false"),
+    "pattern-regex": (edit_config(rank_pattern={"(": 2}), ValueError, "rank_pattern key '(' is not a valid regular"),
+    "pattern-value": (edit_config(alpha_pattern={"up": "x"}), ValueError, "alpha_pattern['up'] must be a positive"),
+    "r-disagrees": (edit_config(r=8), ValueError, "config gives r=8 and the module is 12 -> 20: expected (8, 12)"),
+    "rank-pattern-disagrees": (edit_config(rank_pattern={"down": 2}), ValueError, "lora_B (12, 4), but the config gives r=2"),
+    "unknown-module": (edit_tensors(rename("blocks.0.up", "blocks.0.nope")), ValueError, "does not have: ['blocks.0.nope']"),
+    "not-linear": (edit_tensors(rename("blocks.0.up", "blocks.0.act")), ValueError, "'blocks.0.act' is a GELU, not a linear"),
+    "foreign-tensor": (
+        edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_magnitude_vector", torch.ones(20))),
+        ValueError, "['base_model.model.blocks.0.up.lora_magnitude_vector'] are not LoRA weights",
+    ),
+    "missing-tensor": (edit_tensors(lambda t: t.pop(B1)), ValueError, "missing tensors ['blocks.1.down.lora_B']"),
+    "shape-vs-module": (
+        edit_tensors(lambda t: t.__setitem__(A0, torch.zeros(4, 13))), ValueError,
+        "has lora_A (4, 13) and lora_B (20, 4), but the config gives r=4 and the module is 12 -> 20",
+    ),
+    "int-dtype": (
+        edit_tensors(lambda t: t.__setitem__(A0, t[A0].to(torch.int32))), ValueError,
+        "blocks.0.up.lora_A has dtype torch.int32; LoRA weights must be floating point",
+    ),
+    "nan": (edit_tensors(lambda t: t[A0].view(-1).__setitem__(5, float("nan"))), ValueError, "lora_A holds NaN or inf"),
+    "float64-overflow": (
+        edit_tensors(lambda t: t.__setitem__(A0, torch.full((4, 12), 1e300, dtype=torch.float64))), ValueError,
+        "beyond the float32 range",
+    ),
+    "not-safetensors": (write("adapter_model.safetensors", b"PK\x03\x04 a zip file"), ValueError, "not a valid safetensors"),
+    "empty-file": (write("adapter_model.safetensors", b""), ValueError, "not a valid safetensors file"),
+    "truncated": (truncate, ValueError, "not a valid safetensors file"),
+    "no-lora-tensors": (edit_tensors(lambda t: t.clear()), ValueError, "holds no LoRA tensors"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_and_leaves_model_unchanged(tmp_path, base, case):
+    mutate, error, message = BAD_INPUTS[case]
+    lowrank.save_adapter(adapted(base), tmp_path)
+    mutate(tmp_path)
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(error, match=re.escape(message)):
+        lowrank.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_missing_directory(tmp_path, base):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(FileNotFoundError, match="adapter directory .*nowhere does not exist"):
+        lowrank.load_adapter(model, tmp_path / "nowhere")
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda m: lowrank.inject(m, ["up"], r=4, alpha=8), "already has adapters, but on other modules"),
+        (lambda m: lowrank.merge(lowrank.inject(m, TARGETS, r=4, alpha=8)), "are merged into the base weights"),
+        (lambda m: lowrank.inject(m, TARGETS, r=4, alpha=16), "already has an adapter with r=4, scale=4"),
+        (lambda m: lowrank.inject(m, TARGETS, r=4, alpha=8, rslora=True), "already has an adapter with r=4, scale=4"),
+        (lambda m: lowrank.inject(m, TARGETS, r=2, alpha=4), "blocks.0.up already has an adapter with r=2, scale=2"),
+    ],
+    ids=["other-targets", "merged", "alpha", "rslora", "rank"],
+)
+def test_adapted_model_that_does_not_fit(tmp_path, base, setup, message):
+    lowrank.save_adapter(adapted(base), tmp_path)
+    model = copy.deepcopy(base)
+    setup(model)
+    randomize(model) if not any(l.merged for _, l in lowrank.lora_layers(model)) else None
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lowrank.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_failure_during_injection_rolls_back(tmp_path, base, monkeypatch):
+    model = copy.deepcopy(base)
+    lowrank.inject(model, ["up"], r=4, alpha=8)
+    lowrank.inject(model, ["down"], r=2, alpha=8)  # two (r, alpha) groups: load_adapter injects twice
+    lowrank.save_adapter(randomize(model), tmp_path)
+    calls = []
+
+    def flaky_inject(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return lowrank.inject(*args, **kwargs)
+
+    monkeypatch.setattr(lio, "inject", flaky_inject)
+    fresh = copy.deepcopy(base)
+    snap = snapshot(fresh)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lowrank.load_adapter(fresh, tmp_path)
+    assert len(calls) == 2
+    assert_unchanged(fresh, snap)  # the first group's adapters are gone, requires_grad flags restored
+
+
+# ---------------------------------------------------------------------------------------------- merged export
+
+
+def test_save_merged_dense_float32(tmp_path, base, x):
+    model = adapted(base, targets=["up", "blocks.1.down"])
+    expected = dense_weights(base, adapters_of(model))
+    snap = snapshot(model)
+    file = lowrank.save_merged(model, tmp_path / "merged.safetensors")
+    assert_unchanged(model, snap)  # not merged as a side effect
+    merged = load_file(file)
+    assert set(merged) == set(base.state_dict())  # the original key names, nothing else
+    for name, (w, b) in expected.items():
+        assert merged[f"{name}.weight"].dtype == torch.float32
+        # float32 sum of W and a rank-4 float32 delta, |w| < 1: a few ulps (6e-8); adapters move weights by ~0.1.
+        torch.testing.assert_close(merged[f"{name}.weight"].double(), w, rtol=0, atol=5e-7)
+        if b is not None:
+            assert torch.equal(merged[f"{name}.bias"], base.get_submodule(name).bias)
+    assert torch.equal(merged["blocks.0.down.weight"], base.blocks[0].down.weight)  # not adapted: untouched
+    restored = copy.deepcopy(base)
+    restored.load_state_dict(merged, strict=True)
+    torch.testing.assert_close(restored(x), model(x), **F32_TOL)
+
+    lowrank.merge(model)
+    again = load_file(lowrank.save_merged(model, tmp_path))  # a directory: <dir>/model.safetensors
+    assert (tmp_path / "model.safetensors").is_file() and all(layer.merged for _, layer in lowrank.lora_layers(model))
+    assert all(torch.equal(again[k], merged[k]) for k in merged)  # the merge state does not change the export
+
+
+def test_save_merged_bfloat16_rounds_once(tmp_path, base):
+    model = adapted(base.to(torch.bfloat16))  # A, B stay float32
+    merged = load_file(lowrank.save_merged(model, tmp_path / "m.safetensors"))
+    for name, (a, b, scale) in adapters_of(model).items():
+        w = base.get_submodule(name).weight
+        expected = (w.double() + scale * b.double() @ a.double()).to(torch.bfloat16)
+        got = merged[f"{name}.weight"]
+        assert got.dtype == torch.bfloat16
+        # Summing in float32 then rounding to bf16 equals direct rounding except at near-ties: at most 1 ulp (2^-7 rel).
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=0)
+        assert (got == expected).float().mean() > 0.99
+
+
+def test_save_merged_tied_weights(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj, self.out = nn.Embedding(10, 12), nn.Linear(12, 12), nn.Linear(12, 10, bias=False)
+            self.out.weight = self.embed.weight
+
+    base = Tied()
+    model = copy.deepcopy(base)
+    lowrank.inject(model, ["proj"], r=2, alpha=2)
+    merged = load_file(lowrank.save_merged(model, tmp_path / "m.safetensors"))
+    assert torch.equal(merged["embed.weight"], merged["out.weight"])
+    restored = Tied()
+    restored.load_state_dict(merged, strict=True)
+    assert torch.equal(restored.embed.weight, base.embed.weight)
+
+
+def test_conv1d_round_trip_and_merged_layout(tmp_path):
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(20, 12), Conv1D(12, 20)  # Conv1D(nf=out, nx=in): weight (in, out)
+
+        def forward(self, x):
+            return self.c_proj(F.gelu(self.c_fc(x)))
+
+    base = Mlp()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)  # HF inits Conv1D biases to zero
+    model = adapted(base, targets=["c_fc", "c_proj"], r=3, alpha=6)
+    lowrank.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    a = load_file(tmp_path / "adapter_model.safetensors")["base_model.model.c_fc.lora_A.weight"]
+    assert a.shape == (3, 12)  # A is (r, in) for Conv1D too
+    x = torch.randn(4, 12)
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.equal(loaded(x), model(x))
+    merged = load_file(lowrank.save_merged(model, tmp_path / "m.safetensors"))
+    for name, (a, b, scale) in adapters_of(model).items():
+        w = base.get_submodule(name).weight.double()  # (in, out)
+        # float32 sum, |w| < 1: a few ulps.
+        torch.testing.assert_close(merged[f"{name}.weight"].double(), w + scale * (b.double() @ a.double()).T, rtol=0, atol=5e-7)
+    restored = copy.deepcopy(base)
+    restored.load_state_dict(merged, strict=True)
+    torch.testing.assert_close(restored(x), model(x), **F32_TOL)
+
+
+# ---------------------------------------------------------------------------------------------- NF4 bases
+
+
+def nf4_weights(qmodel) -> dict:
+    """float64 dense weights of a quantized Tiny: its dequantized NF4 weights (what the model computes with)."""
+    return {
+        name: (qmodel.get_submodule(name).dequantize_weight(torch.float64), qmodel.get_submodule(name).bias)
+        for name in ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+    }
+
+
+def test_load_into_nf4_model(tmp_path, base, x):
+    source = adapted(base)
+    lowrank.save_adapter(source, tmp_path)
+    qmodel = lowrank.quantize(copy.deepcopy(base))
+    weights = nf4_weights(qmodel)
+    loaded = lowrank.load_adapter(qmodel, tmp_path)
+    assert all(type(layer.base).__name__ == "NF4Linear" for _, layer in lowrank.lora_layers(loaded))
+    for name, (a, b, scale) in adapters_of(source).items():
+        w, bias = weights[name]
+        weights[name] = (w + scale * b.double() @ a.double(), bias)
+    ref = {n: (w, None if bias is None else bias.double()) for n, (w, bias) in weights.items()}
+    torch.testing.assert_close(loaded(x).double(), reference_forward(ref, x), **F32_TOL)
+
+    # And back: the NF4 model's adapter round-trips into another quantized copy, bit for bit.
+    lowrank.save_adapter(loaded, tmp_path / "again")
+    other = lowrank.load_adapter(lowrank.quantize(copy.deepcopy(base)), tmp_path / "again")
+    assert torch.equal(other(x), loaded(x))
+
+
+def test_bad_adapter_leaves_nf4_model_unchanged(tmp_path, base):
+    lowrank.save_adapter(adapted(base), tmp_path)
+    edit_tensors(lambda t: t.__setitem__(A0, torch.zeros(4, 11)))(tmp_path)
+    qmodel = lowrank.quantize(copy.deepcopy(base))
+    snap = snapshot(qmodel)
+    with pytest.raises(ValueError, match=re.escape("blocks.0.up has lora_A (4, 11)")):
+        lowrank.load_adapter(qmodel, tmp_path)
+    assert_unchanged(qmodel, snap)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_save_merged_nf4(tmp_path, base, x, compute_dtype):
+    qmodel = lowrank.quantize(copy.deepcopy(base), compute_dtype=compute_dtype)
+    weights = nf4_weights(qmodel)
+    model = adapted(qmodel, targets=["up"])
+    snap = snapshot(model)
+    merged = load_file(lowrank.save_merged(model, tmp_path / "m.safetensors"))
+    assert_unchanged(model, snap)
+    assert set(merged) == set(base.state_dict())  # dense keys: no absmax / quant_state left
+    dtype = compute_dtype or torch.float32
+    adapters = adapters_of(model)
+    for name, (w, bias) in weights.items():
+        if name in adapters:
+            a, b, scale = adapters[name]
+            w = w + scale * b.double() @ a.double()
+        got = merged[f"{name}.weight"]
+        assert got.dtype == dtype and got.shape == w.shape
+        if dtype == torch.float32:  # float32 sum of the exact dequantized weight and the delta: a few ulps
+            torch.testing.assert_close(got.double(), w, rtol=0, atol=5e-7)
+        else:  # bf16: one rounding of the float32 sum, at most 1 ulp = 2^-7 relative
+            torch.testing.assert_close(got.float(), w.float(), rtol=2**-7, atol=0)
+        if bias is not None:
+            assert merged[f"{name}.bias"].dtype == dtype
+    if compute_dtype is None:
+        restored = copy.deepcopy(base)
+        restored.load_state_dict(merged, strict=True)
+        torch.testing.assert_close(restored(x), model(x), **F32_TOL)
