@@ -36,24 +36,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-SMOLLM2_SHAPE = dict(
-    vocab=49152, hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=6, batch=4, seq=128, model="smollm2-shaped"
-)
-TINY_SHAPE = dict(vocab=128, hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, batch=2, seq=16, model="tiny")
-LORA = dict(r=16, alpha=32.0)
+# Shapes of the synthetic Llama: SmolLM2-135M's widths with 6 of its 30 layers, and the tiny `--quick` one.
+SMOLLM2_SHAPE = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "layers": 6,
+                 "batch": 4, "seq": 128, "model": "smollm2-shaped"}  # fmt: skip
+TINY_SHAPE = {"vocab": 128, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "layers": 2,
+              "batch": 2, "seq": 16, "model": "tiny"}  # fmt: skip
+LORA = {"r": 16, "alpha": 32.0}
 QV = ["q_proj", "v_proj"]
 
 # (scenario, provider) pairs measured side by side; `targets` is passed unchanged to lowrank and to PEFT.
 ENTRIES = {
-    ("full", "torch"): dict(kind="full"),
-    ("lora_qv", "lowrank"): dict(kind="lowrank", targets=QV),
-    ("lora_qv", "peft"): dict(kind="peft", targets=QV),
-    ("lora_all", "lowrank"): dict(kind="lowrank", targets="all-linear"),
-    ("lora_all", "peft"): dict(kind="peft", targets="all-linear"),
-    ("qlora_all", "lowrank"): dict(kind="lowrank", targets="all-linear", nf4=True),
-    ("qlora_all", "peft+bnb"): dict(kind="peft", targets="all-linear", nf4=True),
+    ("full", "torch"): {"kind": "full"},
+    ("lora_qv", "lowrank"): {"kind": "lowrank", "targets": QV},
+    ("lora_qv", "peft"): {"kind": "peft", "targets": QV},
+    ("lora_all", "lowrank"): {"kind": "lowrank", "targets": "all-linear"},
+    ("lora_all", "peft"): {"kind": "peft", "targets": "all-linear"},
+    ("qlora_all", "lowrank"): {"kind": "lowrank", "targets": "all-linear", "nf4": True},
+    ("qlora_all", "peft+bnb"): {"kind": "peft", "targets": "all-linear", "nf4": True},
 }
 SCALING_ENTRIES = [("lora_all", "lowrank"), ("lora_all", "peft"), ("qlora_all", "lowrank"), ("qlora_all", "peft+bnb")]
 PEERS = {"lora_qv": "peft", "lora_all": "peft", "qlora_all": "peft+bnb"}
@@ -165,7 +166,7 @@ def build_provider(key: tuple[str, str], shape: dict, device: str):
         import lowrank
 
         if spec.get("nf4"):
-            lowrank.quantize(model)
+            lowrank.quantize(model, compute_dtype=torch.bfloat16)
         lowrank.inject(model, spec["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
         params = list(lowrank.adapter_parameters(model))
     else:
@@ -263,7 +264,7 @@ def memory_worker(job: dict) -> dict:
 def measure_memory(key, shape: dict, device: str, steps: int) -> dict:
     job = {"key": list(key), "shape": shape, "device": device, "steps": steps}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker for {key} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -297,6 +298,7 @@ def run_group(keys, shape: dict, args, label: str) -> list[dict]:
         row["median_s"] = statistics.median(times[f"{key[0]}/{key[1]}"])
         row["tokens_per_s"] = tokens / row["median_s"]
         gc.collect()
+        _malloc_trim()
         before = common.current_memory_bytes(device)
         common.reset_peak_memory(device)
         row["final_loss"] = float(fn())
@@ -374,7 +376,8 @@ def parse_args(argv=None):
     p.add_argument("--no-real", action="store_true", help="skip the real SmolLM2-135M")
     p.add_argument("--no-scaling", action="store_true", help="skip the sequence-length and model-size sweeps")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory runs")
-    p.add_argument("--memory-steps", type=int, default=None, help="steps per memory subprocess (default 3)")
+    p.add_argument("--memory-steps", type=int, default=None, help="steps per memory subprocess (default 2)")
+    p.add_argument("--real-repeats", type=int, default=3, help="timed rounds on the 30-layer SmolLM2-135M")
     p.add_argument("--profile", action="store_true", help="also profile one step of each main-scenario entry")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; quick: a temp dir)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
@@ -386,7 +389,8 @@ def parse_args(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
     args.seqs = args.seqs or ([8, 16, 32] if quick else [64, 128, 256, 512])
     args.layer_counts = args.layer_counts or ([1, 2, 3] if quick else [3, 6, 12])
-    args.memory_steps = args.memory_steps or (1 if quick else 3)
+    # the peak comes in the first steps (AdamW allocates its moments in step 1), so 2 steps see it
+    args.memory_steps = args.memory_steps or (1 if quick else 2)
     args.out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if quick else common.RESULTS_DIR)
     args.real = not (args.no_real or quick) and smollm2_gguf() is not None
     return args
@@ -405,7 +409,8 @@ def main(argv=None) -> dict:
     if args.real:
         prepare_smollm2()
         real = dict(SMOLLM2_SHAPE, model="smollm2-135m", layers=30)
-        real_rows = run_group(main_keys, real, args, "SmolLM2-135M")
+        real_args = argparse.Namespace(**{**vars(args), "repeats": args.real_repeats, "warmup": 1})
+        real_rows = run_group(main_keys, real, real_args, "SmolLM2-135M")
     scaling = {"seq": [], "layers": []}
     if not args.no_scaling:
         keys = available_entries(SCALING_ENTRIES)
@@ -422,7 +427,7 @@ def main(argv=None) -> dict:
     all_rows = rows + real_rows
     json_path, md_path = common.write_results(
         "train", all_rows, COLUMNS, "Training step: lowrank vs PEFT, PEFT + bitsandbytes, full fine-tuning",
-        env=env, notes=notes + _scaling_markdown(scaling), extra=extra, out_dir=args.out,
+        env=env, notes=_goals_markdown(rows) + notes + _scaling_markdown(scaling), extra=extra, out_dir=args.out,
     )  # fmt: skip
     common.progress(f"wrote {json_path} and {md_path}")
     if args.plots and have("matplotlib"):
@@ -436,7 +441,8 @@ def main(argv=None) -> dict:
 def _settings(args) -> dict:
     return {
         "shape": args.shape, "lora": LORA, "dtype": "bfloat16", "optimizer": "AdamW lr 1e-4 (torch default impl)",
-        "warmup": args.warmup, "repeats": args.repeats, "memory_steps": args.memory_steps, "device": args.device,
+        "warmup": args.warmup, "repeats": args.repeats, "real_model": {"warmup": 1, "repeats": args.real_repeats},
+        "memory_steps": args.memory_steps, "device": args.device,
     }  # fmt: skip
 
 
@@ -447,13 +453,32 @@ def _notes(args, shape) -> str:
         f"kv heads, vocab {s['vocab']}, tied embeddings, bf16; batch {s['batch']} x seq {s['seq']}. LoRA r "
         f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout 0; NF4 block 64 with double quantization, bf16 compute. "
         f"Step = zero_grad + forward + backward + AdamW. Median of {args.repeats} steps after {args.warmup} "
-        "warm-up rounds, providers alternating within each round.\n\n"
+        f"warm-up rounds (SmolLM2-135M, 30 layers: {args.real_repeats} after 1), providers alternating within each "
+        "round.\n\n"
         "Columns: `median_s` seconds per step; `peak_rss_mb` whole-process peak RSS of a fresh process that built "
         "only this provider (peak reset after building); `train_mem_mb` that peak minus the RSS after imports; "
         "`step_delta_mb` the peak of one step above the RSS before it, in the timing process; `frozen_mb` bytes of "
         "frozen weights (incl. embeddings, NF4 data and scales); `time_vs_peer` / `mem_vs_peer` lowrank / peer "
         "(`train_mem_mb`); `time_vs_lora` lowrank QLoRA / lowrank LoRA on the dense base.\n"
     )
+
+
+def _goals_markdown(rows: list[dict]) -> str:
+    """The issue's goals, each checked against this run's synthetic-model rows."""
+    by = {(r["scenario"], r["provider"]): r for r in rows}
+    checks = [
+        ("LoRA q,v step time <= PEFT", by.get(("lora_qv", "lowrank"), {}).get("time_vs_peer"), 1.0),
+        ("LoRA all-linear step time <= PEFT", by.get(("lora_all", "lowrank"), {}).get("time_vs_peer"), 1.0),
+        ("QLoRA step time <= PEFT + bitsandbytes", by.get(("qlora_all", "lowrank"), {}).get("time_vs_peer"), 1.0),
+        ("QLoRA step time <= 1.15 x our LoRA", by.get(("qlora_all", "lowrank"), {}).get("time_vs_lora"), 1.15),
+        ("QLoRA training memory < PEFT + bitsandbytes", by.get(("qlora_all", "lowrank"), {}).get("mem_vs_peer"), None),
+    ]
+    lines = ["## Goals (synthetic model above)", ""]
+    for text, ratio, limit in checks:
+        if ratio is not None:
+            met = ratio < 1.0 if limit is None else ratio <= limit  # None: strictly below the peer
+            lines.append(f"- {text}: ratio {ratio:.3f} -> {'met' if met else 'NOT met'}")
+    return "\n".join(lines) + "\n\n"
 
 
 def _scaling_markdown(scaling: dict) -> str:

@@ -150,7 +150,7 @@ def _version(dist: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -215,8 +215,10 @@ def environment_markdown(env: dict) -> str:
     return "\n".join(
         [
             f"- date (UTC): {env['date_utc']}",
-            f"- machine: {env['cpu']}, {env['cpu_cores']} cores ({env['torch_threads']} torch threads), "
-            f"device {env['device']}",
+            (
+                f"- machine: {env['cpu']}, {env['cpu_cores']} cores ({env['torch_threads']} torch threads), "
+                f"device {env['device']}"
+            ),
             f"- versions: python {env['python']}, {versions}",
             f"- git: {sha}",
         ]

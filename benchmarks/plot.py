@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on benchmark machines
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "train.json"
 # lowrank solid, peers dashed; one colour per scenario so a reader pairs the lines at a glance
@@ -44,9 +44,11 @@ def plot_scaling(payload: dict, axis: str, path: Path) -> Path | None:
     for key in sorted({(r["scenario"], r["provider"]) for r in rows}):
         pts = sorted((r[axis], r) for r in rows if (r["scenario"], r["provider"]) == key)
         xs = [x for x, _ in pts]
-        style = dict(
-            color=COLOURS.get(key[0], "black"), linestyle="-" if key[1] == "lowrank" else "--", marker="o"
-        )
+        style = {
+            "color": COLOURS.get(key[0], "black"),
+            "linestyle": "-" if key[1] == "lowrank" else "--",
+            "marker": "o",
+        }
         ax_t.plot(xs, [r["median_s"] for _, r in pts], label=f"{key[0]} / {key[1]}", **style)
         ax_m.plot(xs, [r.get(mem_key) for _, r in pts], label=f"{key[0]} / {key[1]}", **style)
     xlabel = "sequence length (tokens)" if axis == "seq" else "decoder layers"

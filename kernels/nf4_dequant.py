@@ -18,6 +18,8 @@ Importing it imports triton; ``lowrank`` only imports it for CUDA tensors (see `
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,6 +68,25 @@ def _cast(values, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _decode(byte, code_ptr, LOOKUP: tl.constexpr):
+    """uint8 codes (R, C) as int32 -> float32 code-book values (R, 2C), high nibble first: [h0, l0, h1, l1, ...].
+
+    LOOKUP "gather": the 16-entry code book is loaded once into registers and indexed with ``tl.gather``
+    (shuffles / shared memory, no global traffic per element). "load": one cached global load per element (the
+    simple version; Triton's pipeliner stages such loads through shared memory as whole tiles).
+    """
+    rows: tl.constexpr = byte.shape[0]
+    cols: tl.constexpr = 2 * byte.shape[1]
+    nibbles = tl.reshape(tl.join(byte >> 4, byte & 15), (rows, cols))
+    if LOOKUP == "gather":
+        book = tl.load(code_ptr + tl.arange(0, 16))
+        values = tl.gather(book, tl.reshape(nibbles, (rows * cols,)), 0)
+        return tl.reshape(values, (rows, cols))
+    else:
+        return tl.load(code_ptr + nibbles)
+
+
+@triton.jit
 def _dequant_kernel(
     packed_ptr,  # uint8 [n_bytes]
     absmax_ptr,  # float32 [n_blocks] or uint8 [n_blocks] (double quantization)
@@ -76,18 +97,24 @@ def _dequant_kernel(
     out_ptr,  # [n] in the output dtype
     n,
     BLOCK_SIZE: tl.constexpr,  # quantization block (elements)
-    BYTES: tl.constexpr,  # bytes per program (2 * BYTES elements)
+    BYTES: tl.constexpr,  # bytes per program (2 * BYTES elements), a power of two
     DOUBLE_QUANT: tl.constexpr,
+    LOOKUP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    # The program's bytes as (groups, bytes per group): a group lies in one quantization block (blocks are
+    # aligned runs of BLOCK_SIZE / 2 bytes of the flat tensor), so absmax is loaded once per group.
+    GROUP: tl.constexpr = min(BYTES, BLOCK_SIZE // 2)
+    GROUPS: tl.constexpr = BYTES // GROUP
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BYTES + tl.arange(0, BYTES)  # (BYTES,) byte indices
-    mask = offs < (n + 1) // 2
-    byte = tl.load(packed_ptr + offs, mask=mask, other=0x77).to(tl.int32)
-    absmax = _block_absmax(offs // (BLOCK_SIZE // 2), mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, DOUBLE_QUANT)
-    high = tl.load(code_ptr + (byte >> 4)) * absmax  # element 2j
-    low = tl.load(code_ptr + (byte & 15)) * absmax  # element 2j + 1
-    values = tl.reshape(tl.join(high, low), (2 * BYTES,))  # interleave: [h0, l0, h1, l1, ...]
+    first = pid * BYTES + tl.arange(0, GROUPS) * GROUP  # (GROUPS,) first byte of each group
+    offs = first[:, None] + tl.arange(0, GROUP)[None, :]  # (GROUPS, GROUP) byte indices
+    n_bytes = (n + 1) // 2
+    byte = tl.load(packed_ptr + offs, mask=offs < n_bytes, other=0x77).to(tl.int32)
+    absmax = _block_absmax(first // (BLOCK_SIZE // 2), first < n_bytes, absmax_ptr, absmax2_ptr, dmap_ptr,
+                           offset_ptr, DOUBLE_QUANT)  # fmt: skip
+    values = _decode(byte, code_ptr, LOOKUP) * absmax[:, None]  # (GROUPS, 2 * GROUP), one float32 multiply
+    values = tl.reshape(values, (2 * BYTES,))
     out_offs = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
     tl.store(out_ptr + out_offs, _cast(values, out_ptr.dtype.element_ty, INTERPRET), mask=out_offs < n)
 
@@ -101,6 +128,11 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # 2048 bytes (4096 elements) per program with 4 warps: 16 bytes per thread per load. A deterministic rule, not
 # autotuned (element-wise kernel); to be confirmed by benchmarks/bench_nf4.py on a GPU.
 _DEQUANT_BYTES, _DEQUANT_WARPS = 2048, 4
+# Code-book lookup of every kernel (see _decode), read at each launch; LOWRANK_NF4_LOOKUP=load picks the other.
+# "gather" until a GPU measurement says otherwise. benchmarks/compile_nf4.py, sm_90: the first matmul version
+# (global-load lookup, one absmax per byte) needed 303 KB of shared memory for a 16x64x256 tile (over the 227 KB
+# limit); with "gather" and one absmax per block it needs 45 KB and no spills (8 warps).
+LOOKUP = os.environ.get("LOWRANK_NF4_LOOKUP", "gather")
 
 
 def interpreting() -> bool:
@@ -173,7 +205,7 @@ def dequantize(w: _nf4.NF4Tensor, dtype: torch.dtype | None = None, *, bytes_per
         raise ValueError(f"bytes_per_program must be a power of two, got {nbytes}")
     grid = (triton.cdiv((n + 1) // 2, nbytes),)
     _dequant_kernel[grid](
-        *args, out, n, BLOCK_SIZE=w.block_size, BYTES=nbytes, DOUBLE_QUANT=w.double_quant, INTERPRET=interpreting(),
-        num_warps=_DEQUANT_WARPS, **LAUNCH_OPTIONS,
+        *args, out, n, BLOCK_SIZE=w.block_size, BYTES=nbytes, DOUBLE_QUANT=w.double_quant, LOOKUP=LOOKUP,
+        INTERPRET=interpreting(), num_warps=_DEQUANT_WARPS, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from lowrank import nf4 as _nf4
 
-from .nf4_dequant import LAUNCH_OPTIONS, _block_absmax, _cast, _weight_args, dequantize, interpreting
+from . import nf4_dequant as _dequant
+from .nf4_dequant import LAUNCH_OPTIONS, _block_absmax, _cast, _decode, _weight_args, dequantize, interpreting
 
 # ------------------------------------------------------------------------------------------------- reference
 
@@ -62,28 +63,40 @@ def reference_matmul_grad_x(grad_y: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Te
 @triton.jit
 def _weight_tile(
     packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
-    offs_n, offs_kb, n_limit, kb_limit, KB,
-    BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    offs_n, kb0, n_limit, kb_limit, KB,
+    BLOCK_KB: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, GROUPED: tl.constexpr,
+    DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, LOOKUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Decoded weight tile W[offs_n, 2*offs_kb[0] : 2*offs_kb[-1] + 2] -> (len(offs_n), 2 * len(offs_kb)) in DTYPE.
+    """Decoded weight tile W[offs_n, 2 * kb0 : 2 * (kb0 + BLOCK_KB)] -> (len(offs_n), 2 * BLOCK_KB) in DTYPE.
 
-    ``offs_kb`` are byte columns (KB = K / 2 bytes per row). Out-of-range elements (n >= n_limit or
-    kb >= kb_limit) are exact zeros, so they add nothing to a dot product. Values are rounded to W_DTYPE (the
-    weight's original 16-bit dtype) first when it differs from DTYPE, as the reference does.
+    Byte columns kb0.. of each row (KB = K / 2 bytes per row). Out-of-range elements (n >= n_limit or
+    kb >= kb_limit) are exact zeros, so they add nothing to a dot product. GROUPED (K a multiple of the block
+    size: rows start on block boundaries) loads one absmax per (row, block) and broadcasts it; otherwise one per
+    byte. Values are rounded to W_DTYPE (the weight's original 16-bit dtype) first when it differs from DTYPE,
+    as the reference does.
     """
-    byte_idx = offs_n[:, None].to(tl.int64) * KB + offs_kb[None, :]  # (BN, BKB) flat byte index
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    offs_kb = kb0 + tl.arange(0, BLOCK_KB)
+    row = offs_n[:, None].to(tl.int64) * KB  # (BN, 1) first byte of each row
     mask = (offs_n[:, None] < n_limit) & (offs_kb[None, :] < kb_limit)
-    byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0x77).to(tl.int32)
-    absmax = _block_absmax(byte_idx // (BLOCK_SIZE // 2), mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr,
-                           DOUBLE_QUANT)  # fmt: skip
-    high = tl.load(code_ptr + (byte >> 4)) * absmax  # column 2j
-    low = tl.load(code_ptr + (byte & 15)) * absmax  # column 2j + 1
+    byte = tl.load(packed_ptr + row + offs_kb[None, :], mask=mask, other=0x77).to(tl.int32)  # (BN, BKB)
+    values = _decode(byte, code_ptr, LOOKUP)  # (BN, 2 * BKB) float32
+    if GROUPED:
+        GROUP: tl.constexpr = min(BLOCK_KB, BLOCK_SIZE // 2)  # bytes per (row, block) piece of the tile
+        GROUPS: tl.constexpr = BLOCK_KB // GROUP
+        first = kb0 + tl.arange(0, GROUPS) * GROUP  # (GROUPS,)
+        g_mask = (offs_n[:, None] < n_limit) & (first[None, :] < kb_limit)
+        absmax = _block_absmax((row + first[None, :]) // (BLOCK_SIZE // 2), g_mask, absmax_ptr, absmax2_ptr,
+                               dmap_ptr, offset_ptr, DOUBLE_QUANT)  # fmt: skip (BN, GROUPS)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, GROUPS, 2 * GROUP)), (BLOCK_N, 2 * BLOCK_KB))
+    else:
+        absmax = _block_absmax((row + offs_kb[None, :]) // (BLOCK_SIZE // 2), mask, absmax_ptr, absmax2_ptr, dmap_ptr,
+                               offset_ptr, DOUBLE_QUANT)  # fmt: skip (BN, BKB): one per byte
+        absmax = tl.reshape(tl.join(absmax, absmax), (BLOCK_N, 2 * BLOCK_KB))
+    values = values * absmax
     if W_DTYPE != DTYPE:
-        high = _cast(high, W_DTYPE, INTERPRET).to(tl.float32)
-        low = _cast(low, W_DTYPE, INTERPRET).to(tl.float32)
-    high, low = _cast(high, DTYPE, INTERPRET), _cast(low, DTYPE, INTERPRET)
-    return tl.reshape(tl.join(high, low), (offs_n.shape[0], 2 * offs_kb.shape[0]))
+        values = _cast(values, W_DTYPE, INTERPRET).to(tl.float32)
+    return _cast(values, DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -91,7 +104,7 @@ def _forward_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, y_ptr,
     M, N, K, stride_xm, SPLIT_K,
     BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
-    W_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    W_DTYPE: tl.constexpr, GROUPED: tl.constexpr, LOOKUP: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y = x @ W^T over one (BLOCK_M, BLOCK_N) tile and one K split: (M, K) @ (K, N) -> (M, N).
@@ -117,9 +130,9 @@ def _forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
-                         offs_n, offs_kb, N, k_end // 2, K // 2, BLOCK_SIZE, DOUBLE_QUANT, x.dtype, W_DTYPE, INTERPRET)  # fmt: skip
+        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, offs_n, k0 // 2, N,
+                         k_end // 2, K // 2, BLOCK_K // 2, BLOCK_SIZE, DOUBLE_QUANT, GROUPED, x.dtype, W_DTYPE, LOOKUP,
+                         INTERPRET)  # fmt: skip
         if INTERPRET:  # the interpreter's 16-bit dot is wrong for bf16: exact products in float32 instead
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # (BM, BK) @ (BK, BN)
@@ -136,7 +149,7 @@ def _grad_x_kernel(
     g_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, out_ptr,
     M, N, K, stride_gm, SPLIT_N,
     BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
-    W_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    W_DTYPE: tl.constexpr, GROUPED: tl.constexpr, LOOKUP: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """grad_x = grad_y @ W over one (BLOCK_M, BLOCK_K) tile and one N split: (M, N) @ (N, K) -> (M, K)."""
@@ -149,7 +162,6 @@ def _grad_x_kernel(
     pid_k = (pid % (GROUP_M * tiles_k)) // group_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     n_chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
     n_start = split * n_chunk
     n_end = min(n_start + n_chunk, N)
@@ -158,8 +170,9 @@ def _grad_x_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g_mask = (offs_m[:, None] < M) & (offs_n[None, :] < n_end)
         g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :], mask=g_mask, other=0.0)
-        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr,
-                         offs_n, offs_kb, n_end, K // 2, K // 2, BLOCK_SIZE, DOUBLE_QUANT, g.dtype, W_DTYPE, INTERPRET)  # fmt: skip
+        w = _weight_tile(packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, offs_n,
+                         pid_k * (BLOCK_K // 2), n_end, K // 2, K // 2, BLOCK_K // 2, BLOCK_SIZE, DOUBLE_QUANT, GROUPED,
+                         g.dtype, W_DTYPE, LOOKUP, INTERPRET)  # fmt: skip
         if INTERPRET:  # as in _forward_kernel
             g, w = g.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(g, w, input_precision=PRECISION)  # (BM, BN) @ (BN, BK)
@@ -187,22 +200,24 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
     )  # fmt: skip
 
 
-# Candidates for the autotuner (GPU only), keyed on the shape. Small M: one 16-row tile, wide K steps so that
-# each program streams long contiguous runs of packed bytes. Large M: the usual Hopper/Ampere bf16 tiles.
+# Candidates for the autotuner (GPU only), keyed on the shape. Pruned with benchmarks/compile_nf4.py (sm_90, bf16,
+# triton 3.9): configs that spilled registers or needed > 100 KB of shared memory are out (e.g. 16x64x256 with
+# 4 warps: 255 registers + 196 B spills; 128x256x64: 764 B spills). Small M: one 16-row tile, long K steps so
+# each program streams long runs of packed bytes. Large M: tiles whose decoded weight fits in registers.
 _SMALL_CONFIGS = [
     _config(16, bn, bk, w, s) for bn, bk, w, s in
-    [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (64, 512, 8, 2), (128, 128, 4, 3), (128, 256, 8, 3)]
+    [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3), (32, 512, 8, 3), (64, 64, 4, 4)]
 ]  # fmt: skip
 _LARGE_CONFIGS = [
     _config(bm, bn, bk, w, s) for bm, bn, bk, w, s in
-    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 3),
-     (128, 128, 128, 8, 2)]
+    [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+     (64, 256, 64, 8, 3)]
 ]  # fmt: skip
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}  # small tiles: fast in numpy
-_TUNE_KEY = ["M", "N", "K", "SPLIT_K"]
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "DOUBLE_QUANT", "GROUPED", "LOOKUP"]
 _forward_small = triton.autotune(_SMALL_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
 _forward_large = triton.autotune(_LARGE_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
-_grad_key = ["M", "N", "K", "SPLIT_N"]
+_grad_key = ["M", "N", "K", "SPLIT_N", "DOUBLE_QUANT", "GROUPED", "LOOKUP"]
 # grad_x swaps the roles: BLOCK_N is the reduction step, BLOCK_K the output width.
 _grad_x_small = triton.autotune(
     [_config(16, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _SMALL_CONFIGS],
@@ -251,7 +266,8 @@ def _launch(kernels, out_block, x2, w, out_cols, split, config):
                       dtype=torch.float32 if partial else x2.dtype)  # fmt: skip
     meta = dict(BLOCK_SIZE=w.block_size, DOUBLE_QUANT=w.double_quant, PARTIAL=partial,
                 PRECISION="ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
-                W_DTYPE=_TL_DTYPES[_rounding_dtype(w, x2.dtype)], INTERPRET=interpreting())  # fmt: skip
+                W_DTYPE=_TL_DTYPES[_rounding_dtype(w, x2.dtype)], GROUPED=k % w.block_size == 0, LOOKUP=_dequant.LOOKUP,
+                INTERPRET=interpreting())  # fmt: skip
     small, large = kernels
     grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(out_cols, c[out_block]), split)  # noqa: E731
     args = (x2, *_weight_args(w), out, m, n, k, x2.stride(0), split)

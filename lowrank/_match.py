@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 
 import torch.nn as nn
 
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for Hugging Face's ``Conv1D`` (a linear layer with weight of shape (in_features, out_features))."""
     weight = getattr(module, "weight", None)

@@ -1,95 +1,130 @@
 """The one place that picks how NF4 math runs: Triton kernels for CUDA tensors, the torch reference otherwise.
 
 ``nf4_linear(x, weight, bias)`` is the NF4 linear layer's op: ``y = x W^T + b`` with ``W = dequantize(weight)``
-(in the weight's original dtype, then cast to ``x.dtype``, as bitsandbytes does). Its autograd function saves
-only the packed weight and its scales (about 0.52 bytes per weight), never the dequantized W: the backward pass
-dequantizes again. W is frozen, so only x (and a trainable bias, if any) get gradients.
+(rounded to the weight's original dtype when that is 16-bit, then cast to ``x.dtype``, as bitsandbytes does).
+Its backward saves only the packed weight and its scales (about 0.52 bytes per weight), never the dequantized W:
+the backward pass decodes it again. W is frozen, so only x (and a trainable bias, if any) get gradients.
 
-Routing: ``_use_triton(x)`` decides per call (environment ``LOWRANK_REFERENCE=1`` forces the reference). The
-two helpers ``_dequantize`` and ``_matmul_dequant`` are the whole surface a kernel path has to replace.
+The matmul is one ``torch.library.custom_op``, ``lowrank::nf4_matmul`` (forward ``x @ W^T`` and, with
+``transpose=False``, the backward ``grad_y @ W``), with a fake (shape-only) implementation and a registered
+autograd formula. ``torch.compile(fullgraph=True)`` therefore sees one opaque node per NF4 layer on every
+device; inside it, Python picks the Triton kernels (``lowrank.kernels.nf4_matmul``: CUDA tensors of
+bf16/fp16/fp32) or the torch reference (everything else). A ``triton_op`` would let Inductor look inside the
+kernel, but it cannot be traced on a CPU-only machine; the custom op can.
+
+Routing, per call: ``LOWRANK_REFERENCE=1`` in the environment forces the reference everywhere (debugging,
+comparisons). Triton is imported only when a CUDA tensor first needs it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from .nf4 import NF4Tensor, dequantize
+from .nf4 import NF4Tensor, dequantize as _reference_dequantize
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _reference_forced() -> bool:
     return os.environ.get("LOWRANK_REFERENCE", "") == "1"
 
 
+@functools.cache
+def _kernels():
+    """``(nf4_dequant, nf4_matmul)`` kernel modules, or None where triton cannot be imported."""
+    try:
+        from .kernels import nf4_dequant, nf4_matmul
+    except ImportError:  # no triton on this platform: the reference serves CUDA tensors too
+        return None
+    return nf4_dequant, nf4_matmul
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this call (CUDA tensor and not forced to the reference). Not yet wired."""
-    return False
+    """Whether the Triton kernels serve this call: a CUDA tensor of a kernel dtype, and not forced to the reference."""
+    return x.is_cuda and x.dtype in _KERNEL_DTYPES and not _reference_forced() and _kernels() is not None
 
 
-def _dequantize(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W (out, in) in ``dtype``: dequantized in the original dtype, then cast (one rounding when they agree).
+def _rounding_dtype(weight: NF4Tensor, dtype: torch.dtype) -> torch.dtype:
+    """W is rounded to its original dtype first when that is 16-bit (the layer computes with its bf16/fp16
+    weight), else straight to ``dtype`` (a float32/float64 original: one rounding, same result)."""
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else dtype
 
-    For a float32/float64 original the float32 product is rounded straight to ``dtype`` (same result as going
-    through the original dtype, one pass less).
+
+def dequantize(weight: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W in ``dtype`` (default: its original dtype), by the Triton kernel for CUDA weights, else the reference.
+
+    ``W = to(dtype)(to(rounding dtype)(NF4_CODE[code] * absmax))``; bit-identical on both paths.
     """
-    if weight.dtype in (torch.float32, torch.float64, dtype):
-        return dequantize(weight, dtype)
-    return dequantize(weight).to(dtype)
+    dtype = weight.dtype if dtype is None else dtype
+    rounding = _rounding_dtype(weight, dtype)
+    if weight.packed.is_cuda and rounding in _KERNEL_DTYPES and not _reference_forced() and _kernels() is not None:
+        return _kernels()[0].dequantize(weight, rounding).to(dtype)
+    return _reference_dequantize(weight, rounding).to(dtype)
 
 
 def _matmul_dequant(x: torch.Tensor, weight: NF4Tensor, transpose: bool) -> torch.Tensor:
-    """``x @ W^T`` (forward, x: (M, in)) or ``x @ W`` (backward, x: (M, out)) with W dequantized in x.dtype.
+    """Reference: ``x @ W^T`` (forward, x: (M, in)) or ``x @ W`` (backward, x: (M, out)), W in x.dtype.
 
-    The dequantized W is a temporary freed on return: on CPU it costs one (out, in) buffer per layer at a time.
+    The dequantized W is a temporary freed on return: it costs one (out, in) buffer per layer at a time.
     """
-    w = _dequantize(weight, x.dtype)  # (out, in)
+    w = _reference_dequantize(weight, _rounding_dtype(weight, x.dtype)).to(x.dtype)  # (out, in)
     return x @ w.t() if transpose else x @ w
 
 
-class NF4LinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with W from NF4 storage; saves the NF4 tensors, not W, for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, bias, meta, *tensors):
-        weight = _rebuild(meta, tensors)
-        x2d = x.reshape(-1, x.shape[-1])  # (M, in)
-        y = _matmul_dequant(x2d, weight, transpose=True)  # (M, in) @ (in, out)
-        if bias is not None:
-            y = y + bias
-        ctx.meta = meta
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(*tensors)  # packed codes + scales only: ~0.52 bytes per weight
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        weight = _rebuild(ctx.meta, ctx.saved_tensors)
-        g2d = grad_y.reshape(-1, grad_y.shape[-1])  # (M, out)
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _matmul_dequant(g2d, weight, transpose=False).view(*grad_y.shape[:-1], -1)  # (M, out) @ (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_bias = g2d.sum(0)
-        return (grad_x, grad_bias, None) + (None,) * len(ctx.saved_tensors)
+def _rebuild(packed, absmax, absmax2, offset, n, k, block_size, weight_dtype) -> NF4Tensor:
+    if absmax2 is not None:  # double quantization: absmax holds the uint8 codes
+        return NF4Tensor((n, k), weight_dtype, block_size, packed, None, absmax, absmax2, offset)
+    return NF4Tensor((n, k), weight_dtype, block_size, packed, absmax=absmax)
 
 
-def _flatten(weight: NF4Tensor) -> tuple[tuple, tuple[torch.Tensor, ...]]:
-    meta = (tuple(weight.shape), weight.dtype, weight.block_size, weight.double_quant)
-    return meta, tuple(weight.tensors().values())
+@torch.library.custom_op("lowrank::nf4_matmul", mutates_args=())
+def _nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    k: int,
+    block_size: int,
+    weight_dtype: torch.dtype,
+    transpose: bool,
+) -> torch.Tensor:
+    """``x @ W^T`` (transpose: x (M, k) -> (M, n)) or ``x @ W`` (x (M, n) -> (M, k)), W (n, k) in NF4."""
+    weight = _rebuild(packed, absmax, absmax2, offset, n, k, block_size, weight_dtype)
+    if _use_triton(x):
+        matmul = _kernels()[1]
+        return matmul.matmul(x, weight) if transpose else matmul.matmul_grad_x(x, weight)
+    return _matmul_dequant(x, weight, transpose)
 
 
-def _rebuild(meta: tuple, tensors) -> NF4Tensor:
-    shape, dtype, block_size, double_quant = meta
-    if double_quant:
-        packed, absmax_q, absmax2, offset = tensors
-        return NF4Tensor(shape, dtype, block_size, packed, None, absmax_q, absmax2, offset)
-    packed, absmax = tensors
-    return NF4Tensor(shape, dtype, block_size, packed, absmax=absmax)
+@_nf4_matmul.register_fake
+def _(x, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, transpose):
+    return x.new_empty((x.shape[0], n if transpose else k))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, transpose = inputs
+    ctx.save_for_backward(packed, absmax, absmax2, offset)  # packed codes + scales only: ~0.52 bytes per weight
+    ctx.meta = (n, k, block_size, weight_dtype, transpose)
+
+
+def _backward(ctx, grad):
+    n, k, block_size, weight_dtype, transpose = ctx.meta
+    grad_x = None
+    if ctx.needs_input_grad[0]:  # d(x @ W^T)/dx = grad @ W and d(x @ W)/dx = grad @ W^T: the same op, flipped
+        grad_x = _nf4_matmul(grad.contiguous(), *ctx.saved_tensors, n, k, block_size, weight_dtype, not transpose)
+    return (grad_x,) + (None,) * 9
+
+
+_nf4_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = x W^T + b``, W = ``weight`` dequantized (original dtype, then ``x.dtype``).
+    """``y = x W^T + b``, W = ``weight`` dequantized (16-bit original dtype first, then ``x.dtype``).
 
     Args:
         x: (..., in_features), floating. weight: NF4Tensor of shape (out_features, in_features), on x's device.
@@ -97,10 +132,21 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
 
     Returns:
         (..., out_features) in x.dtype. Differentiable in x and bias; W gets no gradient.
+
+    Raises:
+        ValueError: shapes that do not match, or x and the weight on different devices.
     """
     if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"nf4_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    meta, tensors = _flatten(weight)
-    if _use_triton(x) and not _reference_forced():  # pragma: no cover - wired by the Triton kernels
-        raise NotImplementedError("Triton NF4 path not wired yet")
-    return NF4LinearFunction.apply(x, bias, meta, *tensors)
+    if x.device != weight.packed.device:
+        raise ValueError(f"nf4_linear: x is on {x.device}, the weight on {weight.packed.device}")
+    n, k = weight.shape
+    if weight.double_quant:
+        absmax, absmax2, offset = weight.absmax_q, weight.absmax2, weight.offset
+    else:
+        absmax, absmax2, offset = weight.absmax, None, None
+    x2d = x.reshape(-1, k)  # (M, in)
+    y = _nf4_matmul(x2d, weight.packed, absmax, absmax2, offset, n, k, weight.block_size, weight.dtype, True)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], n)  # (M, in) @ (in, out) -> (..., out)

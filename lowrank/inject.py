@@ -183,7 +183,7 @@ def summary(model: nn.Module) -> str:
 
     Trainable / total parameters (a quantized NF4 layer counts as the in * out + bias parameters it stands for)
     and their percentage, the number of adapted layers grouped by (type, r, alpha, scale, dropout), and the bytes
-    held by frozen parameters and buffers (the number QLoRA shrinks).
+    held by frozen parameters and buffers (the number QLoRA shrinks; while merged it includes the extra copies).
     """
     quantized = [m for m in model.modules() if getattr(type(m), "_lowrank_linear", False)]
     quantized_params = {id(p) for m in quantized for p in m.parameters()}
@@ -197,6 +197,9 @@ def summary(model: nn.Module) -> str:
         if id(p) not in quantized_params:
             total += p.numel()
     frozen_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    # While merged, a dense layer also holds its set-aside original weight (see LoRALinear.merge).
+    originals = [layer._original_weight for _, layer in lora_layers(model) if layer._original_weight is not None]
+    frozen_bytes += sum(w.numel() * w.element_size() for w in originals)
 
     groups: dict[tuple, int] = {}
     for _, layer in lora_layers(model):

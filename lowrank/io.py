@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._match import is_linear, linear_features
@@ -71,7 +71,7 @@ def _is_default(value, default) -> bool:
     return value == default or value in (None, False, [], {}, "")
 
 
-def pattern_value(patterns: dict, name: str, default):
+def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -135,7 +135,10 @@ def _adapter_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_pat
     rank_pattern = {name: int(layer.r) for name, layer in layers if layer.r != r}
     alpha_pattern = {name: _number(layer.alpha) for name, layer in layers if float(layer.alpha) != alpha}
     for name, layer in layers:  # the pattern keys are regexes to PEFT: make sure each resolves to its own layer
-        if pattern_value(rank_pattern, name, r) != layer.r or pattern_value(alpha_pattern, name, alpha) != layer.alpha:
+        if (
+            _pattern_value(rank_pattern, name, r) != layer.r
+            or _pattern_value(alpha_pattern, name, alpha) != layer.alpha
+        ):
             raise ValueError(f"cannot express the rank/alpha of {name!r} with PEFT's rank_pattern/alpha_pattern")
     return {
         "peft_type": "LORA",
@@ -203,7 +206,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
 
 def _is_quantized(module: nn.Module) -> bool:
     # NF4Linear, by its duck type (as LoRALinear recognises it): io.py need not import the NF4 machinery.
-    return bool(getattr(type(module), "_lowrank_linear", False)) and callable(getattr(module, "dequantize_weight", None))
+    return getattr(type(module), "_lowrank_linear", False) and callable(getattr(module, "dequantize_weight", None))
 
 
 def _dense_dtype(module: nn.Module) -> torch.dtype:
@@ -320,13 +323,13 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     """adapter_model.safetensors -> {module name: {"lora_A": A, "lora_B": B}}, keys and tensors validated."""
     file = directory / WEIGHTS_NAME
     if not file.is_file():
-        pickle = " (found adapter_model.bin: pickled adapters are not loaded, convert them to safetensors)"
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}" + (pickle if (directory / "adapter_model.bin").exists() else ""))
+        hint = ""
+        if (directory / "adapter_model.bin").exists():
+            hint = " (found adapter_model.bin: pickled adapters are not loaded, convert them to safetensors)"
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{hint}")
     try:
-        with safe_open(str(file), framework="pt") as f:  # parses and checks the header before any data is read
-            f.keys()
-        tensors = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error type for bad headers and truncated data
+        tensors = load_file(str(file))  # checks the header and that the data length matches it
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a valid safetensors file (truncated or another format?): {e}") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -378,15 +381,15 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
     order = {name: i for i, name in enumerate(modules)}  # check (and report) in module order, not file order
     for name in sorted(set(pairs) - set(unmatched), key=order.__getitem__):
         p = pairs[name]
-        module = existing.get(name) or modules[name]
+        module = existing[name] if name in existing else modules[name]
         if not (isinstance(module, LoRALinear) or is_linear(module)):
             raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not a linear layer")
         if isinstance(module, LoRALinear):
             in_features, out_features = module.in_features, module.out_features
         else:
             in_features, out_features = linear_features(module)
-        r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
-        alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        r = _pattern_value(cfg["rank_pattern"], name, cfg["r"])
+        alpha = _pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         a, b = p["lora_A"], p["lora_B"]
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
             raise ValueError(
@@ -450,8 +453,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         try:
             for (r, alpha), names in groups.items():
                 # A callable target: exact names (a list entry would also match longer names ending with it).
-                inject(model, lambda n, m, names=names: n in names, r=r, alpha=alpha,
-                       dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])  # fmt: skip
+                targets = lambda n, m, names=names: n in names
+                inject(model, targets, r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
         except BaseException:
             eject(model)  # the model had no adapters: removing all of them restores it
             for p, flag in grad_flags:  # inject froze the other parameters

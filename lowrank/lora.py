@@ -40,11 +40,17 @@ def _check_hyperparameters(r, alpha, dropout, adapter_dtype) -> None:
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable rank-``r`` update.
 
-    ``y = base(x) + (alpha / r) * dropout(x) @ A^T @ B^T`` with x of shape (..., in_features) and y of shape
-    (..., out_features). A is Kaiming-uniform (a = sqrt 5), B is zero, so the wrapped layer starts out computing
-    exactly what the base computes. A and B are stored in ``adapter_dtype`` (float32 by default, even for a
-    bf16/fp16 base: small updates to low-precision weights would round away) and cast to the input's dtype
-    in ``forward``.
+    ``y = base(x) + scale * dropout(x) @ A^T @ B^T``, ``scale = alpha / r`` (rslora: ``alpha / sqrt(r)``), with
+    x of shape (..., in_features) and y of shape (..., out_features). A is Kaiming-uniform (a = sqrt 5), B is
+    zero, so the wrapped layer starts out computing exactly what the base computes. A and B are stored in
+    ``adapter_dtype`` (float32 by default, even for a bf16/fp16 base: small updates to low-precision weights
+    would round away) and cast to the input's dtype in ``forward``; the output has the input's dtype. Note that
+    ``model.to(dtype)`` after wrapping casts A and B too: cast the model first, then inject.
+
+    Merging (`merge` / `unmerge`) is explicit, idempotent and exact to undo, never a side effect of ``eval()``.
+    While merged the adapter cannot be trained: a forward in training mode with gradients enabled raises
+    RuntimeError (the merged forward never reads A and B, so they would silently get no gradient); inference
+    (``eval()`` or ``torch.no_grad()``) is fine. ``load_state_dict`` while merged raises too.
 
     Args:
         base: the layer to adapt: ``nn.Linear``, HF ``Conv1D`` or ``NF4Linear``. Its parameters are frozen.

@@ -26,8 +26,18 @@ from .dispatch import nf4_linear
 from .nf4 import NF4Tensor
 
 _QUANT_STATE = "quant_state.bitsandbytes__nf4"
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -72,8 +82,7 @@ class NF4Linear(nn.Module):
         _nf4.check_block_size(block_size)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
-        if compute_dtype is not None and not compute_dtype.is_floating_point:
-            raise TypeError(f"compute_dtype must be a floating dtype or None, got {compute_dtype}")
+        _check_compute_dtype(compute_dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block_size, self.double_quant = block_size, bool(double_quant)
         self.compute_dtype, self.dtype = compute_dtype, dtype
@@ -107,6 +116,7 @@ class NF4Linear(nn.Module):
         """
         if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise TypeError(f"from_linear expects an nn.Linear or Conv1D, got {type(linear).__name__}")
+        _check_compute_dtype(compute_dtype)
         weight = linear.weight.detach()
         if is_conv1d(linear):
             weight = weight.t()
@@ -249,7 +259,9 @@ class NF4Linear(nn.Module):
         for name, t in q.tensors().items():
             ref = current.tensors()[name]
             if t.dtype != ref.dtype or t.numel() != ref.numel():
-                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, expected {ref.dtype} of {ref.numel()} values")
+                raise ValueError(
+                    f"{name}: got {t.dtype} {tuple(t.shape)}, expected {ref.dtype} of {ref.numel()} values"
+                )
         return q, _NAME_DTYPES[state["dtype"]]
 
     def _bias_from_state(self, state_dict, prefix, keys, strict, missing_keys):
@@ -295,17 +307,18 @@ def quantize(
         ``model`` itself.
 
     Raises:
+        TypeError: a block size that is not an int; a matched layer's weight is not floating point.
         ValueError: bad block size; nothing matched; every match is already NF4; a match is a LoRA layer
             ("quantize before inject") or not a linear layer; a weight holds NaN/inf or lives on the meta device.
-        TypeError: a matched layer's weight is not floating point.
     """
     from .lora import LoRALinear  # local: lora.py imports this module
 
     _nf4.check_block_size(block_size)
+    _check_compute_dtype(compute_dtype)
     found = find_targets(model, targets, exclude)
     todo = []
     for name, module in found:
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear):  # a state problem, not a wrong argument type: ValueError
             raise ValueError(f"{name} is a LoRALinear: quantize before inject (lowrank.quantize, then lowrank.inject)")
         if isinstance(module, NF4Linear):
             continue
@@ -321,7 +334,7 @@ def quantize(
     # Every place a module is reachable from (a module shared under two names is replaced under both).
     parents: dict[int, list[tuple[nn.Module, str]]] = {}
     for _, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # (named_children() hides a second name)
             parents.setdefault(id(child), []).append((parent, child_name))
     for _, module in todo:
         new = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)

@@ -243,11 +243,14 @@ def compare_with_dense(
     ref_params = [p for m in ref_layers for p in (m.lora_A, m.lora_B)]
     grads = torch.autograd.grad(loss_fn(out), params, allow_unused=True)
     ref_grads = torch.autograd.grad(loss_fn(ref_out), ref_params, allow_unused=True)
-    for i, (name, m) in enumerate(layers):
-        pair = []
-        for g, rg, p in zip(grads[2 * i : 2 * i + 2], ref_grads[2 * i : 2 * i + 2], params[2 * i : 2 * i + 2]):
-            pair.extend(_deviation(torch.zeros_like(p) if g is None else g, torch.zeros_like(p) if rg is None else rg))
-        report.layers[name or type(model).__name__] = LayerDeviation(*pair)
+    for i, (name, _) in enumerate(layers):
+        deviations = []
+        for k in (2 * i, 2 * i + 1):  # A, then B of this layer
+            zero = torch.zeros_like(params[k])
+            got_k = zero if grads[k] is None else grads[k]
+            ref_k = zero if ref_grads[k] is None else ref_grads[k]
+            deviations.extend(_deviation(got_k, ref_k))
+        report.layers[name or type(model).__name__] = LayerDeviation(*deviations)
     zero_b = [name or type(model).__name__ for name, m in layers if not m.lora_B.detach().any()]
     if zero_b:
         report.notes.append(f"B == 0 in {len(zero_b)} layer(s), so their grad A is 0 on both sides (a weak check)")

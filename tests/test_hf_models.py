@@ -13,15 +13,22 @@ VOCAB = 128
 
 def llama(**kw):
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, **kw
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **kw,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 

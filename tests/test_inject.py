@@ -64,8 +64,10 @@ def names(model) -> list[str]:
         (["q_proj"], ["layers.0.q_proj", "layers.1.q_proj"]),
         (["layers.1.v_proj", "0.q_proj"], ["layers.0.q_proj", "layers.1.v_proj"]),
         (r"layers\.\d\.(q|v)_proj", ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]),
-        (lambda name, m: isinstance(m, nn.Linear) and m.bias is None and "lm_head" not in name,
-         ["layers.0.v_proj", "layers.1.v_proj"]),
+        (
+            lambda name, m: isinstance(m, nn.Linear) and m.bias is None and "lm_head" not in name,
+            ["layers.0.v_proj", "layers.1.v_proj"],
+        ),
         ("all-linear", [f"layers.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj", "lora_gate")]),
         (["lm_head"], ["lm_head"]),  # the head only when named explicitly
     ],
@@ -173,10 +175,9 @@ def test_train_merge_unmerge_disabled_eject_roundtrip():
 def test_disabled_restores_previous_flags_even_on_error():
     model = lowrank.inject(Toy(), ["q_proj"])
     model.layers[1].q_proj.enabled = False
-    with pytest.raises(KeyError):
-        with lowrank.disabled(model) as m:
-            assert m is model and not any(layer.enabled for _, layer in lowrank.lora_layers(model))
-            raise KeyError("boom")
+    with pytest.raises(KeyError), lowrank.disabled(model) as m:
+        assert m is model and not any(layer.enabled for _, layer in lowrank.lora_layers(model))
+        raise KeyError("boom")
     assert [layer.enabled for _, layer in lowrank.lora_layers(model)] == [True, False]
 
 
@@ -209,6 +210,11 @@ def test_summary_numbers():
     assert "2 x Linear: r=2, alpha=3, scale=1.5, dropout=0" in text
     assert "1 x Linear: r=4, alpha=4, scale=2, dropout=0" in text
     assert f"frozen parameters and buffers: {frozen_bytes:,} bytes" in text
+    lowrank.merge(model)
+    # Merged: each dense layer also holds its set-aside original weight (2 q_proj of 12x12, the 20x12 head).
+    extra = 4 * (2 * 12 * 12 + 20 * 12)
+    assert f"frozen parameters and buffers: {frozen_bytes + extra:,} bytes" in lowrank.summary(model)
+    assert "2 x Linear: r=2, alpha=3, scale=1.5, dropout=0, merged" in lowrank.summary(model)
 
 
 # --- errors: each leaves the model exactly as it was ----------------------------------------------------------

@@ -200,9 +200,19 @@ def test_save_rejects_what_it_cannot_write(tmp_path, base):
     model = adapted(base)
     with torch.no_grad():
         model.blocks[1].down.lora_B[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=re.escape("non-finite adapter weights (NaN or inf) in ['blocks.1.down.lora_B']")):
+    with pytest.raises(
+        ValueError, match=re.escape("non-finite adapter weights (NaN or inf) in ['blocks.1.down.lora_B']")
+    ):
         lowrank.save_adapter(model, tmp_path)
     assert not tmp_path.exists() or os.listdir(tmp_path) == []  # nothing written
+
+
+def test_mixed_dropout_writes_the_most_common_with_a_warning(tmp_path, base):
+    model = adapted(base, targets=["up", "blocks.0.down"], dropout=0.1)
+    lowrank.inject(model, ["blocks.1.down"], r=4, alpha=8, dropout=0.3)
+    with pytest.warns(UserWarning, match=re.escape("layers use different dropout [0.1, 0.3]")):
+        lowrank.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.1
 
 
 def test_failed_write_leaves_previous_adapter_intact(tmp_path, base, monkeypatch):
@@ -323,7 +333,9 @@ def truncate(d):
 A0, B1 = "base_model.model.blocks.0.up.lora_A.weight", "base_model.model.blocks.1.down.lora_B.weight"
 BAD_INPUTS = {
     "no-config": (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "no adapter_config.json in"),
-    "no-weights": (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError, "no adapter_model.safetensors"),
+    "no-weights": (
+        lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError, "no adapter_model.safetensors in"
+    ),
     "pickle-only": (
         lambda d: ((d / "adapter_model.safetensors").rename(d / "adapter_model.bin")), FileNotFoundError,
         "pickled adapters are not loaded",
@@ -346,9 +358,15 @@ BAD_INPUTS = {
     "pattern-regex": (edit_config(rank_pattern={"(": 2}), ValueError, "rank_pattern key '(' is not a valid regular"),
     "pattern-value": (edit_config(alpha_pattern={"up": "x"}), ValueError, "alpha_pattern['up'] must be a positive"),
     "r-disagrees": (edit_config(r=8), ValueError, "config gives r=8 and the module is 12 -> 20: expected (8, 12)"),
-    "rank-pattern-disagrees": (edit_config(rank_pattern={"down": 2}), ValueError, "lora_B (12, 4), but the config gives r=2"),
-    "unknown-module": (edit_tensors(rename("blocks.0.up", "blocks.0.nope")), ValueError, "does not have: ['blocks.0.nope']"),
-    "not-linear": (edit_tensors(rename("blocks.0.up", "blocks.0.act")), ValueError, "'blocks.0.act' is a GELU, not a linear"),
+    "rank-pattern-disagrees": (
+        edit_config(rank_pattern={"down": 2}), ValueError, "lora_B (12, 4), but the config gives r=2"
+    ),
+    "unknown-module": (
+        edit_tensors(rename("blocks.0.up", "blocks.0.nope")), ValueError, "does not have: ['blocks.0.nope']"
+    ),
+    "not-linear": (
+        edit_tensors(rename("blocks.0.up", "blocks.0.act")), ValueError, "'blocks.0.act' is a GELU, not a linear"
+    ),
     "foreign-tensor": (
         edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_magnitude_vector", torch.ones(20))),
         ValueError, "['base_model.model.blocks.0.up.lora_magnitude_vector'] are not LoRA weights",
@@ -367,7 +385,9 @@ BAD_INPUTS = {
         edit_tensors(lambda t: t.__setitem__(A0, torch.full((4, 12), 1e300, dtype=torch.float64))), ValueError,
         "beyond the float32 range",
     ),
-    "not-safetensors": (write("adapter_model.safetensors", b"PK\x03\x04 a zip file"), ValueError, "not a valid safetensors"),
+    "not-safetensors": (
+        write("adapter_model.safetensors", b"PK\x03\x04 a zip file"), ValueError, "not a valid safetensors"
+    ),
     "empty-file": (write("adapter_model.safetensors", b""), ValueError, "not a valid safetensors file"),
     "truncated": (truncate, ValueError, "not a valid safetensors file"),
     "no-lora-tensors": (edit_tensors(lambda t: t.clear()), ValueError, "holds no LoRA tensors"),
@@ -523,7 +543,9 @@ def test_conv1d_round_trip_and_merged_layout(tmp_path):
     for name, (a, b, scale) in adapters_of(model).items():
         w = base.get_submodule(name).weight.double()  # (in, out)
         # float32 sum, |w| < 1: a few ulps.
-        torch.testing.assert_close(merged[f"{name}.weight"].double(), w + scale * (b.double() @ a.double()).T, rtol=0, atol=5e-7)
+        torch.testing.assert_close(
+            merged[f"{name}.weight"].double(), w + scale * (b.double() @ a.double()).T, rtol=0, atol=5e-7
+        )
     restored = copy.deepcopy(base)
     restored.load_state_dict(merged, strict=True)
     torch.testing.assert_close(restored(x), model(x), **F32_TOL)

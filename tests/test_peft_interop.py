@@ -15,11 +15,13 @@ import torch.nn as nn
 
 import lowrank
 
+# PEFT calls a transformers API that transformers 5 deprecates; not ours to fix, and noise in every test here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 # Float32 logits of magnitude ~1 after two blocks; the two scale placements differ by a few ulps per layer
-# (measured max |diff| 1.8e-7 vs an adapter effect of 0.8), so 1e-5 has margin and still catches any wrong scale (|delta| ~ 0.1 here).
+# (measured max |diff| 1.8e-7 vs an adapter effect of 0.8): 1e-5 has margin and still catches any wrong scale.
 ATOL = RTOL = 1e-5
 
 
@@ -182,3 +184,49 @@ def test_peft_modules_are_real_linear_layers():
     """Guard for the comparisons above: the tiny models' targets are nn.Linear (Llama) and Conv1D (GPT-2)."""
     assert isinstance(_llama().model.layers[0].self_attn.q_proj, nn.Linear)
     assert type(_gpt2().transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_mixed_conv1d_and_linear_model_loads_in_peft(tmp_path):
+    """One config flag for two layer types: we write fan_in_fan_out=True, PEFT corrects it per layer type."""
+    Conv1D = transformers.pytorch_utils.Conv1D
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin = Conv1D(20, 12), nn.Linear(20, 7)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.conv(x)))
+
+    base = Mixed()
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, ["conv", "lin"], r=3, alpha=5)
+    _randomize_adapters((n, p) for n, p in ours.named_parameters() if "lora_" in n)
+    lowrank.save_adapter(ours, tmp_path)
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert theirs.base_model.model.conv.fan_in_fan_out and not theirs.base_model.model.lin.fan_in_fan_out
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), atol=ATOL, rtol=RTOL)
+        assert (ours(x) - base(x)).abs().max() > 0.1
+
+
+def test_peft_adapter_on_nf4_llama(tmp_path):
+    """PEFT adapter -> lowrank.quantize(model) + load_adapter equals PEFT on the dequantized dense weights."""
+    base = _llama()
+    theirs_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    trained = peft.get_peft_model(copy.deepcopy(base), theirs_cfg)
+    _randomize_adapters((n, p) for n, p in trained.named_parameters() if "lora_" in n)
+    trained.save_pretrained(tmp_path)
+
+    ours = lowrank.load_adapter(lowrank.quantize(copy.deepcopy(base)), tmp_path).eval()
+    dequantized = copy.deepcopy(base)  # the same model with every NF4 weight replaced by its dense float32 value
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, lowrank.NF4Linear):
+                target = dequantized.get_submodule(name.removesuffix(".base"))
+                target.weight.copy_(module.dequantize_weight(torch.float32))
+    reference = peft.PeftModel.from_pretrained(dequantized, tmp_path).eval()
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(ours, tokens), _logits(reference, tokens), atol=ATOL, rtol=RTOL)

@@ -18,7 +18,7 @@ SIZES = [10, 16, 13, 4]  # a 3-layer MLP with odd widths
 
 def make_mlp(dtype) -> nn.Sequential:
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(SIZES) - 2:
             layers.append(nn.Tanh())
@@ -94,10 +94,13 @@ def test_k_steps_float64_match_dense_reparametrisation(name, rslora):
     # differences start at ~1e-16 and 8 steps of these optimizers keep them there (measured 2.5e-16 worst);
     # 1e-13 leaves room for other BLAS orderings while still failing on any real math difference.
     torch.testing.assert_close(
-        torch.tensor(lora_losses, dtype=torch.float64), torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-13, atol=0
+        torch.tensor(lora_losses, dtype=torch.float64),
+        torch.tensor(ref_losses, dtype=torch.float64),
+        rtol=1e-13,
+        atol=0,
     )
     assert lora_losses[6] < lora_losses[0]  # training did something (steps 0 and 6 see the same batch)
-    for (_, layer), ref, w in zip(lowrank.lora_layers(model), reference.layers, reference.weights()):
+    for (_, layer), ref, w in zip(lowrank.lora_layers(model), reference.layers, reference.weights(), strict=True):
         torch.testing.assert_close(layer.lora_A, ref["A"].detach(), rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(layer.lora_B, ref["B"].detach(), rtol=1e-13, atol=1e-15)
         layer.merge()
@@ -113,8 +116,9 @@ def test_float32_lora_tracks_float64_reference():
     reference = DenseReparam(model)
     steps = 8
     lora_losses = run(model, lowrank.adapter_parameters(model), OPTIMIZERS["sgd"], data, steps)
-    ref_losses = run(reference, reference.parameters(), OPTIMIZERS["sgd"], [(x.double(), y.double()) for x, y in data],
-                     steps)
+    ref_losses = run(
+        reference, reference.parameters(), OPTIMIZERS["sgd"], [(x.double(), y.double()) for x, y in data], steps
+    )
     # float32 forward/backward on widths <= 16: a few 1e-8 per step, compounded over 8 SGD steps (measured
     # 8e-8 relative); 1e-6 is an order above.
     torch.testing.assert_close(

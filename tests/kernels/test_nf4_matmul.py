@@ -50,22 +50,24 @@ def _assert_within_bound(out, a, b, dtype):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("m", "n", "k", "block_size", "double_quant", "split"),
+    ("m", "n", "k", "block_size", "double_quant", "split", "block_k"),
     [
-        (1, 40, 70, 32, True, 1),  # M = 1; K = 70: blocks cross rows, partial K tile
-        (3, 33, 130, 64, False, 3),  # M = 3, N not a tile multiple, split-K with a short last split
-        (17, 24, 96, 32, True, 2),  # M = 17: two row tiles
-        (3, 17, 64, 64, True, 8),  # more splits than K tiles: empty splits must write zeros
+        (1, 40, 70, 32, True, 1, 32),  # M = 1; K = 70: blocks cross rows (one absmax per byte), partial K tile
+        (3, 33, 130, 64, False, 3, 32),  # M = 3, N not a tile multiple, split-K with a short last split
+        (17, 24, 96, 32, True, 2, 32),  # M = 17: two row tiles; K % block == 0: one absmax per (row, block)
+        (3, 17, 64, 64, True, 8, 32),  # more splits than K tiles: empty splits must write zeros
+        (2, 20, 192, 32, True, 2, 128),  # a K tile spans 4 blocks: per-block absmax broadcast within the tile
     ],
 )
-def test_forward_and_grad_x(kernels, device, dtype, m, n, k, block_size, double_quant, split):
+def test_forward_and_grad_x(kernels, device, dtype, m, n, k, block_size, double_quant, split, block_k):
     q = _nf4_weight(n, k, block_size, double_quant, device)
     w = nf4.dequantize(q, dtype)  # the operand the kernel must use: W rounded once to x's dtype
     x = torch.randn(m, k, device=device).to(dtype)
-    y = kernels.matmul.matmul(x, q, method="fused", config={**TILES, "split": split})
+    tiles = {**TILES, "BLOCK_K": block_k, "split": split}
+    y = kernels.matmul.matmul(x, q, method="fused", config=tiles)
     _assert_within_bound(y, x, w.T, dtype)
     g = torch.randn(m, n, device=device).to(dtype)
-    gx = kernels.matmul.matmul_grad_x(g, q, method="fused", config={**TILES, "split": split})
+    gx = kernels.matmul.matmul_grad_x(g, q, method="fused", config=tiles)
     _assert_within_bound(gx, g, w, dtype)
 
 

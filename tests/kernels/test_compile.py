@@ -1,0 +1,129 @@
+"""``torch.compile(fullgraph=True)`` of a model with NF4 layers and LoRA adapters, and the dispatch rules.
+
+The NF4 matmul is the custom op ``lowrank::nf4_matmul`` (``lowrank/dispatch.py``): compile sees one opaque node
+per NF4 layer, with a fake implementation for shapes and a registered backward. On CPU (this test) the op runs
+the torch reference; on CUDA the same op runs the Triton kernels (the ``gpu`` tests below). The compiled model
+must give the same outputs and adapter gradients as the eager one, with no graph break (``fullgraph=True``
+raises on one). These tests run in-process: the CPU ones never touch triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowrank
+from lowrank import dispatch, nf4
+
+# The compiled graph may reorder float32 additions (Inductor fuses the bias and LoRA adds): a few ulps of the
+# activations' scale (~1), not a change of function.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _model(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 48, bias=False), nn.GELU(), nn.Linear(48, 16))
+    model = model.to(device=device, dtype=dtype)
+    lowrank.quantize(model, targets=["0", "2"])  # two NF4 layers; the head "4" stays dense
+    lowrank.inject(model, targets=["0", "2", "4"], r=4, alpha=8.0)
+    for _, layer in lowrank.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.1)  # non-zero B: the adapter path contributes to outputs and grads
+    return model
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in lowrank.adapter_parameters(model)]
+
+
+def test_compile_fullgraph_matches_eager_on_cpu():
+    torch._dynamo.reset()
+    model = _model()
+    assert sum(isinstance(m, lowrank.NF4Linear) for m in model.modules()) == 2
+    x = torch.randn(3, 5, 64)
+    eager_out, eager_grads = _loss_and_grads(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    out, grads = _loss_and_grads(compiled, x)
+    torch.testing.assert_close(out, eager_out, rtol=RTOL, atol=ATOL)
+    assert len(grads) == len(eager_grads) == 6  # A and B of three adapted layers
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=RTOL, atol=ATOL)
+    # The function itself, independently: the dense float64 equivalent of layer 0 (dequantized W + scale B A).
+    layer = model[0]
+    w = layer.base.dequantize_weight(torch.float64) + layer.delta_weight().double()
+    expect = x.double() @ w.T + layer.base.bias.double()
+    torch.testing.assert_close(layer(x).double(), expect, rtol=1e-5, atol=1e-5)  # float32 matmul in the op
+
+
+def test_compiled_graph_holds_the_custom_op():
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    model = _model()
+    torch.compile(model, fullgraph=True, backend=backend)(torch.randn(2, 64))
+    assert sum("lowrank.nf4_matmul" in t for t in seen) == 2  # one opaque node per NF4 layer, no graph break
+
+
+def test_op_registration_passes_opcheck():
+    # torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch.
+    q = nf4.quantize(torch.randn(40, 64), 32, True)
+    x = torch.randn(3, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.lowrank.nf4_matmul.default,
+                          (x, q.packed, q.absmax_q, q.absmax2, q.offset, 40, 64, 32, torch.float32, True))  # fmt: skip
+    p = nf4.quantize(torch.randn(40, 64), 64, False)
+    torch.library.opcheck(torch.ops.lowrank.nf4_matmul.default,
+                          (torch.randn(3, 40), p.packed, p.absmax, None, None, 40, 64, 64, torch.float32, False))  # fmt: skip
+
+
+def test_reference_is_used_off_cuda_and_when_forced(monkeypatch):
+    x = torch.randn(2, 8)
+    assert not dispatch._use_triton(x)  # CPU tensors: always the reference
+    monkeypatch.setenv("LOWRANK_REFERENCE", "1")
+    assert dispatch._reference_forced()
+    if torch.cuda.is_available():
+        assert not dispatch._use_triton(x.cuda())
+
+
+def test_nf4_linear_matches_float64_and_rejects_mismatch():
+    q = nf4.quantize(torch.randn(24, 40, dtype=torch.bfloat16), 32, True)
+    x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    y = dispatch.nf4_linear(x, q)
+    w = nf4.dequantize(q, torch.bfloat16).double()  # 16-bit original: W rounded to bf16 first (exact in float64)
+    torch.testing.assert_close(y, x @ w.T, rtol=0, atol=0)  # same float64 product, same order: exact
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 24, dtype=torch.float64) @ w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not match weight"):
+        dispatch.nf4_linear(torch.randn(5, 41), q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_path_matches_reference_path(monkeypatch, dtype):
+    # A few steps of the same model on the Triton path and on the forced reference path, compiled and eager.
+    x = torch.randn(4, 7, 64, device="cuda", dtype=dtype)
+    results = {}
+    for name, forced in (("triton", "0"), ("reference", "1")):
+        monkeypatch.setenv("LOWRANK_REFERENCE", forced)
+        torch._dynamo.reset()
+        model = _model("cuda", dtype)
+        assert dispatch._use_triton(x) == (forced == "0")
+        results[name] = _loss_and_grads(torch.compile(model, fullgraph=True), x)
+    # bf16: the paths sum in different orders (split-K vs cuBLAS) before rounding to bf16, through 3 layers.
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], **tol)
+    for g, ge in zip(results["triton"][1], results["reference"][1]):
+        torch.testing.assert_close(g, ge, **tol)
+
+
+@pytest.mark.gpu
+def test_cuda_dequantize_routes_to_the_kernel_bit_exact():
+    q = nf4.quantize(torch.randn(300, 33, device="cuda"), 64, True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(dispatch.dequantize(q, dtype), nf4.dequantize(q, dtype))
