@@ -33,16 +33,16 @@ ARGS.add_argument("--quick", action="store_true", help="fewer shapes (the M = 1 
 ARGS.add_argument("--no-backward", action="store_true", help="skip the grad_x = grad_y @ W cases")
 OPTS = ARGS.parse_args() if __name__ == "__main__" else ARGS.parse_args([])
 
-import torch  # noqa: E402
+import torch
 
 if OPTS.smoke and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lowrank.kernels imports it)
 
-import common  # noqa: E402
-import triton  # noqa: E402
+import common
+import triton
+from lowrank.kernels import nf4_dequant, nf4_matmul
 
-from lowrank import nf4  # noqa: E402
-from lowrank.kernels import nf4_dequant, nf4_matmul  # noqa: E402
+from lowrank import nf4
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not OPTS.smoke and __name__ == "__main__":
@@ -57,7 +57,7 @@ if OPTS.quick:
 if OPTS.smoke:
     SHAPES, M_VALUES = [(48, 128)], [1, 17]
 try:  # the peer, only where installed and usable on this device
-    import bitsandbytes as bnb  # noqa: E402
+    import bitsandbytes as bnb
 
     HAVE_BNB = CUDA
 except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -82,12 +82,11 @@ def ceilings() -> dict:
     b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
     mm_ms = bench(lambda: a @ b)
     props = torch.cuda.get_device_properties(DEVICE)
-    del src, dst, a, b
     return {"copy_GBps": 2 * 2**29 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9,
             "l2_bytes": getattr(props, "L2_cache_size", 0), "sm_count": props.multi_processor_count}  # fmt: skip
 
 
-def rotation(make, nbytes: int, l2: int) -> callable:
+def rotation(make, nbytes: int, l2: int):
     """Copies enough to exceed 3x the L2 (at most 16); returns a function giving the next copy each call."""
     copies = [make() for _ in range(max(1, min(16, math.ceil(3 * l2 / max(nbytes, 1)))))]
     state = {"i": 0}
@@ -97,6 +96,10 @@ def rotation(make, nbytes: int, l2: int) -> callable:
         return copies[state["i"]]
 
     return next_copy
+
+
+def _clone(q: nf4.NF4Tensor) -> nf4.NF4Tensor:
+    return nf4.NF4Tensor(q.shape, q.dtype, q.block_size, **{name: t.clone() for name, t in q.tensors().items()})
 
 
 def lookup(kind: str, fn):
@@ -118,27 +121,51 @@ def roofline_ms(flop: float, nbytes: float, ceil: dict) -> float | None:
     return max(flop / (ceil["bf16_TFLOPs"] * 1e9), nbytes / (ceil["copy_GBps"] * 1e6))
 
 
+def _dequant_providers(w: torch.Tensor, q: nf4.NF4Tensor, l2: int) -> dict:
+    nxt = rotation(lambda: _clone(q), q.nbytes, l2)
+    providers = {
+        "ours": lambda: nf4_dequant.dequantize(nxt(), DTYPE),
+        "ours_load": lookup("load", lambda: nf4_dequant.dequantize(nxt(), DTYPE)),
+    }
+    if HAVE_BNB:
+        wb, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        providers["bnb"] = lambda: bnb.functional.dequantize_4bit(wb, state, quant_type="nf4")
+    return providers
+
+
 def dequant_rows(ceil: dict) -> list[dict]:
     rows = []
     for n, k in SHAPES:
         w = (torch.randn(n, k, device=DEVICE) * 0.02).to(DTYPE)
         q = nf4.quantize(w, 64, True)
         nbytes = q.nbytes + w.numel() * w.element_size()  # read packed + scales, write bf16
-        nxt = rotation(lambda q=q: nf4.NF4Tensor(q.shape, q.dtype, 64, **{k: t.clone() for k, t in q.tensors().items()}),
-                       q.nbytes, ceil["l2_bytes"])  # fmt: skip
-        providers = {"ours": lambda: nf4_dequant.dequantize(nxt(), DTYPE),
-                     "ours_load": lookup("load", lambda: nf4_dequant.dequantize(nxt(), DTYPE))}  # fmt: skip
-        if HAVE_BNB:
-            wb, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-            providers["bnb"] = lambda: bnb.functional.dequantize_4bit(wb, state, quant_type="nf4")
-        for name, fn in providers.items():
+        for name, fn in _dequant_providers(w, q, ceil["l2_bytes"]).items():
             ms = bench(fn)
             floor = roofline_ms(0, nbytes, ceil)
             rows.append({"op": "dequant", "N": n, "K": k, "provider": name, "ms": ms, "GBps": nbytes / ms / 1e6,
                          "roofline_ms": floor, "of_roofline": floor / ms if floor else None})  # fmt: skip
             common.progress(f"dequant {n}x{k} {name}: {ms:.4f} ms")
-        del w, q
     return rows
+
+
+def _matmul_providers(op: str, x: torch.Tensor, w_dense, w_nf4, bnb_w) -> dict:
+    """name -> call for one case; ``w_dense`` / ``w_nf4`` give the next rotated copy of the weight."""
+    if op == "grad_x":
+        return {
+            "torch_bf16": lambda: x @ w_dense(),  # (M, N) @ (N, K)
+            "fused": lambda: nf4_matmul.matmul_grad_x(x, w_nf4(), method="fused"),
+            "dequant": lambda: nf4_matmul.matmul_grad_x(x, w_nf4(), method="dequant"),
+        }
+    providers = {
+        "torch_bf16": lambda: x @ w_dense().T,  # (M, K) @ (K, N)
+        "fused": lambda: nf4_matmul.matmul(x, w_nf4(), method="fused"),
+        "dequant": lambda: nf4_matmul.matmul(x, w_nf4(), method="dequant"),
+    }
+    if x.shape[0] <= nf4_matmul.SMALL_M:
+        providers["fused_load"] = lookup("load", lambda: nf4_matmul.matmul(x, w_nf4(), method="fused"))
+    if bnb_w is not None:
+        providers["bnb"] = lambda: bnb.matmul_4bit(x, bnb_w[0].t(), quant_state=bnb_w[1])
+    return providers
 
 
 def matmul_rows(ceil: dict, backward: bool, flush) -> list[dict]:
@@ -146,51 +173,32 @@ def matmul_rows(ceil: dict, backward: bool, flush) -> list[dict]:
     for n, k in SHAPES:
         w = (torch.randn(n, k, device=DEVICE) * 0.02).to(DTYPE)
         q = nf4.quantize(w, 64, True)
-        w_nf4 = rotation(lambda: nf4.NF4Tensor(q.shape, q.dtype, 64, **{k: t.clone() for k, t in q.tensors().items()}),
-                         q.nbytes, ceil["l2_bytes"])  # fmt: skip
-        w_dense = rotation(lambda: nf4.dequantize(q, DTYPE), w.numel() * 2, ceil["l2_bytes"])
+        w_nf4 = rotation(lambda q=q: _clone(q), q.nbytes, ceil["l2_bytes"])
+        w_dense = rotation(lambda q=q: nf4.dequantize(q, DTYPE), w.numel() * 2, ceil["l2_bytes"])
         bnb_w = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4") if HAVE_BNB else None
-        del w
         for m in M_VALUES:
             ops = [("forward", k, n)] + ([("grad_x", n, k)] if backward else [])
             for op, red, out_cols in ops:
                 x = torch.randn(m, red, device=DEVICE, dtype=DTYPE)
                 flop = 2.0 * m * n * k
                 act = 2 * m * (red + out_cols)
-                if op == "forward":
-                    providers = {
-                        "torch_bf16": lambda: x @ w_dense().T,
-                        "fused": lambda: nf4_matmul.matmul(x, w_nf4(), method="fused"),
-                        "dequant": lambda: nf4_matmul.matmul(x, w_nf4(), method="dequant"),
-                    }
-                    if m <= nf4_matmul.SMALL_M:
-                        providers["fused_load"] = lookup("load", lambda: nf4_matmul.matmul(x, w_nf4(), method="fused"))
-                    if bnb_w is not None:
-                        providers["bnb"] = lambda: bnb.matmul_4bit(x, bnb_w[0].t(), quant_state=bnb_w[1])
-                else:
-                    providers = {
-                        "torch_bf16": lambda: x @ w_dense(),
-                        "fused": lambda: nf4_matmul.matmul_grad_x(x, w_nf4(), method="fused"),
-                        "dequant": lambda: nf4_matmul.matmul_grad_x(x, w_nf4(), method="dequant"),
-                    }
-                times = {}
-                for name, fn in providers.items():
+                case = []
+                for name, fn in _matmul_providers(op, x, w_dense, w_nf4, bnb_w).items():
                     try:
-                        times[name] = bench(fn)
+                        ms = bench(fn)
                     except Exception as e:  # noqa: BLE001 - a failing provider is reported, the run goes on
                         common.progress(f"{op} M={m} {n}x{k} {name} FAILED: {type(e).__name__}: {e}")
                         continue
                     weight_bytes = q.nbytes if name != "torch_bf16" else 2 * n * k
                     floor = roofline_ms(flop, weight_bytes + act, ceil)
-                    rows.append({"op": op, "M": m, "N": n, "K": k, "provider": name, "ms": times[name],
-                                 "TFLOPs": flop / times[name] / 1e9, "roofline_ms": floor,
-                                 "of_roofline": floor / times[name] if floor else None})  # fmt: skip
-                    common.progress(f"{op} M={m} {n}x{k} {name}: {times[name]:.4f} ms")
-                base = times.get("torch_bf16")
-                for row in rows[-len(times):]:
+                    case.append({"op": op, "M": m, "N": n, "K": k, "provider": name, "ms": ms,
+                                 "TFLOPs": flop / ms / 1e9, "roofline_ms": floor,
+                                 "of_roofline": floor / ms if floor else None})  # fmt: skip
+                    common.progress(f"{op} M={m} {n}x{k} {name}: {ms:.4f} ms")
+                base = next((r["ms"] for r in case if r["provider"] == "torch_bf16"), None)
+                for row in case:
                     row["speedup_vs_bf16"] = base / row["ms"] if base else None
-                del x
-        del q
+                rows += case
         if CUDA:
             torch.cuda.empty_cache()
         flush(rows)  # partial results survive a timeout
@@ -215,14 +223,20 @@ def main() -> None:
     rows += matmul_rows(ceil, not OPTS.no_backward, lambda more: write(rows + more))
     small = [r for r in rows if r["op"] == "forward" and r.get("M") == 1 and r["provider"] == "fused"]
     notes = [
-        f"Ceilings measured in this run: copy {ceil['copy_GBps'] or 0:.0f} GB/s (read + write), bf16 matmul "
-        f"{ceil['bf16_TFLOPs'] or 0:.0f} TFLOP/s; L2 {ceil['l2_bytes'] / 2**20:.0f} MiB (weights rotated past 3x).",
-        "Targets (issue 4): dequant >= 85% of copy bandwidth; fused M=1 >= 3x torch_bf16 on 4096x4096 and "
-        "28672x8192; large M within 1.10x of torch_bf16 at M = 8192.",
+        (
+            f"Ceilings measured in this run: copy {ceil['copy_GBps'] or 0:.0f} GB/s (read + write), bf16 matmul "
+            f"{ceil['bf16_TFLOPs'] or 0:.0f} TFLOP/s; L2 {ceil['l2_bytes'] / 2**20:.0f} MiB (weights rotated past 3x)."
+        ),
+        (
+            "Targets (issue 4): dequant >= 85% of copy bandwidth; fused M=1 >= 3x torch_bf16 on 4096x4096 and "
+            "28672x8192; large M within 1.10x of torch_bf16 at M = 8192."
+        ),
         "M=1 fused speedups: " + ", ".join(f"{r['N']}x{r['K']}: {r['speedup_vs_bf16'] or 0:.2f}x" for r in small),
     ]
     if OPTS.smoke:
-        notes.append("SMOKE RUN (tiny shapes" + (", Triton CPU interpreter" if not CUDA else "") + "): not a measurement.")
+        notes.append(
+            "SMOKE RUN (tiny shapes" + (", Triton CPU interpreter" if not CUDA else "") + "): not a measurement."
+        )
     paths = write(rows, notes)
     print(common.markdown_table(rows, cols))
     print("\n".join(notes))

@@ -22,7 +22,6 @@ On CUDA the same fields hold `torch.cuda.max_memory_allocated`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib.util
 import json
@@ -185,36 +184,9 @@ def build_provider(key: tuple[str, str], shape: dict, device: str):
     return model, params
 
 
-def frozen_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of everything stored but not trained: frozen parameters, buffers, bitsandbytes quantization state.
-
-    Shared storage (tied embeddings, the shared NF4 code book) counts once.
-    """
-    seen: set[int] = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-
-    for p in model.parameters():
-        if not p.requires_grad:
-            add(p)
-    for b in model.buffers():
-        add(b)
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        while state is not None:  # bitsandbytes QuantState: absmax, code, offset, then the nested state2
-            for field in ("absmax", "code", "offset"):
-                add(getattr(state, field, None))
-            state = getattr(state, "state2", None)
-    return total
-
-
 def make_step(model, params, shape: dict, device: str):
-    """A zero-argument training step (returns the loss) and the batch it trains on."""
+    """A zero-argument training step on a fixed random batch: zero_grad, forward + loss, backward, AdamW; returns
+    the loss."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -229,14 +201,6 @@ def make_step(model, params, shape: dict, device: str):
     return step
 
 
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS so the RSS reflects live tensors (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # ---- memory in a fresh process --------------------------------------------------------------------------------
 
 
@@ -249,12 +213,12 @@ def memory_worker(job: dict) -> dict:
             __import__(name)
     device = job["device"]
     gc.collect()
-    _malloc_trim()
+    common.release_freed_memory()
     base = common.current_memory_bytes(device)
     model, params = build_provider(tuple(job["key"]), job["shape"], device)
     step = make_step(model, params, job["shape"], device)
     gc.collect()
-    _malloc_trim()
+    common.release_freed_memory()
     common.reset_peak_memory(device)
     losses = [float(step()) for _ in range(job["steps"])]
     peak = common.peak_memory_bytes(device)
@@ -288,7 +252,7 @@ def run_group(keys, shape: dict, args, label: str) -> list[dict]:
             "scenario": key[0],
             "provider": key[1],
             "trainable": sum(p.numel() for p in params),
-            "frozen_mb": frozen_weight_bytes(model) / 2**20,
+            "frozen_mb": common.frozen_bytes(model) / 2**20,
         }
     names = {f"{k[0]}/{k[1]}": fn for k, fn in steps.items()}
     times = common.time_alternating(names, warmup=args.warmup, repeats=args.repeats, device=device)
@@ -298,7 +262,7 @@ def run_group(keys, shape: dict, args, label: str) -> list[dict]:
         row["median_s"] = statistics.median(times[f"{key[0]}/{key[1]}"])
         row["tokens_per_s"] = tokens / row["median_s"]
         gc.collect()
-        _malloc_trim()
+        common.release_freed_memory()
         before = common.current_memory_bytes(device)
         common.reset_peak_memory(device)
         row["final_loss"] = float(fn())
@@ -313,7 +277,7 @@ def run_group(keys, shape: dict, args, label: str) -> list[dict]:
         )
     del steps
     gc.collect()
-    _malloc_trim()
+    common.release_freed_memory()
     add_ratios(list(rows.values()))
     return list(rows.values())
 

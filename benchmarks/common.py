@@ -15,6 +15,7 @@ lets a process reset by writing "5" to /proc/self/clear_refs, so one process can
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -136,6 +137,42 @@ def peak_memory_bytes(device: str | torch.device | None = None) -> int:
 def tensor_bytes(tensors) -> int:
     """Total storage bytes of an iterable of tensors (parameters, buffers, optimizer states)."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise), so the RSS reflects live tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything stored but not trained: frozen parameters, buffers, bitsandbytes quantization state.
+
+    Shared storage (tied embeddings, the shared NF4 code book) counts once.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        if not p.requires_grad:
+            add(p)
+    for b in model.buffers():
+        add(b)
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        while state is not None:  # bitsandbytes QuantState: absmax, code, offset, then the nested state2
+            for field in ("absmax", "code", "offset"):
+                add(getattr(state, field, None))
+            state = getattr(state, "state2", None)
+    return total
 
 
 # ---- environment record -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lowrank.kernels import nf4_dequant, nf4_matmul  # noqa: E402
+from lowrank.kernels import nf4_dequant, nf4_matmul
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _SASS = ("LDG", "LDS", "STS", "SHFL", "HMMA", "HGMMA", "F2F", "F2FP", "FMUL", "FFMA", "SEL", "LDL", "STL")
@@ -39,8 +39,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         src.write_text(ptx)
         sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([str(ptxas), f"-arch={sm}", "-v", str(src), "-o", str(cubin)], capture_output=True,
-                             text=True)  # fmt: skip
+        cmd = [str(ptxas), f"-arch={sm}", "-v", str(src), "-o", str(cubin)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         text = out.stdout + out.stderr
         report = {
             "regs": int(m.group(1)) if (m := re.search(r"Used (\d+) registers", text)) else None,
@@ -50,7 +50,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         if out.returncode != 0:
             report["error"] = text.strip().splitlines()[-1]
             return report
-        sass = subprocess.run([str(_BIN / "nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(_BIN / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=False).stdout
         ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)",
                                                                      sass, re.MULTILINE))  # fmt: skip
         report.update({op: ops.get(op, 0) for op in _SASS})
@@ -78,7 +78,7 @@ def main() -> None:
     weights = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "dmap_ptr": "*fp32",
                "offset_ptr": "*fp32", "code_ptr": "*fp32"}  # fmt: skip
     rows = []
-    common = dict(BLOCK_SIZE=64, DOUBLE_QUANT=True, LOOKUP=opts.lookup, INTERPRET=False)
+    common = {"BLOCK_SIZE": 64, "DOUBLE_QUANT": True, "LOOKUP": opts.lookup, "INTERPRET": False}
     for nbytes in (1024, 2048, 4096):
         sig = {**weights, "out_ptr": f"*{opts.dtype}", "n": "i32"}
         r = compile_one(nf4_dequant._dequant_kernel, sig, dict(common, BYTES=nbytes), opts.arch,
@@ -98,7 +98,10 @@ def main() -> None:
                "N": "i32", "K": "i32", stride: "i32", red: "i32"}  # fmt: skip
         for c in configs:
             r = compile_one(fn, sig, dict(mm_common, PARTIAL=partial, **c.kwargs), opts.arch, c.num_warps, c.num_stages)
-            tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{c.num_warps} s{c.num_stages}"
+            tiles = (
+                "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                + f" w{c.num_warps} s{c.num_stages}"
+            )
             rows.append({"kernel": name, "tiles": tiles, **r})
             print(rows[-1], file=sys.stderr, flush=True)
     cols = ["kernel", "tiles", "regs", "spill_st", "stack", "shared", *_SASS, "error"]

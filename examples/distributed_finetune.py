@@ -5,9 +5,10 @@
     torchrun --standalone --nproc_per_node=2 examples/distributed_finetune.py --size small --checkpointing --measure
     python examples/distributed_finetune.py --plan           # the memory table of docs/distributed.md
 
-The same command runs on CPUs (gloo) and on GPUs (nccl, one per rank): the backend follows the device. The model is
-a Llama built from a config (no download; swap in `LlamaForCausalLM.from_pretrained` in `build_model`), the data a
-synthetic next-token task that a rank-8 adapter learns in a few dozen steps. FSDP2 shards every decoder layer,
+The backend follows the device: gloo on CPUs, nccl with one GPU per rank when CUDA is present (that path has not
+been run on a GPU in this repository yet). The model is a Llama built from a config (no download; swap in
+`LlamaForCausalLM.from_pretrained` in `build_model`), the data synthetic arithmetic token sequences (the tiny
+model's loss falls from 5.56 to 5.16 in the default 30 steps). FSDP2 shards every decoder layer,
 including the frozen NF4 integer parameters, which a bf16 MixedPrecisionPolicy leaves alone. The adapter is
 gathered (`lowrank.distributed.gathered_adapters`) and written once, by rank 0, in PEFT's format. `--measure`
 prints each rank's peak memory next to the memory model of docs/distributed.md (same function as `--plan`).
@@ -75,12 +76,15 @@ def estimate_memory(size: str, *, ranks: int, tokens: int, r: int = 8, engine: s
 
 def plan() -> None:
     """Print the table of docs/distributed.md: GB per GPU, seq 2048 x micro-batch 1, bf16, r = 8, QLoRA."""
-    print("| model | GPUs | FSDP2, checkpointing | FSDP2, no checkpointing | DDP, checkpointing | fits 24 GB / 80 GB (FSDP2, ckpt) |")
+    print("| model | GPUs | FSDP2, checkpointing | FSDP2, no checkpointing | DDP, checkpointing | fits 24 / 80 GB |")
     print("|---|---|---|---|---|---|")
     for size in ("llama-2-7b", "llama-2-13b", "llama-2-70b"):
         for ranks in (1, 2, 8):
             engine = "fsdp" if ranks > 1 else "ddp"  # one GPU: no wrapper at all
-            gb = lambda **kw: estimate_memory(size, ranks=ranks, tokens=2048, **kw)["total"] / 1e9  # noqa: E731
+
+            def gb(size=size, ranks=ranks, **kw) -> float:
+                return estimate_memory(size, ranks=ranks, tokens=2048, **kw)["total"] / 1e9
+
             fsdp, no_ckpt, ddp = gb(engine=engine), gb(engine=engine, checkpointing=False), gb(engine="ddp")
             fits = f"{'yes' if fsdp + 1 <= 24 else 'no'} / {'yes' if fsdp + 1 <= 80 else 'no'}"
             print(f"| {size} | {ranks} | {fsdp:.1f} | {no_ckpt:.1f} | {ddp:.1f} | {fits} |")
@@ -129,7 +133,7 @@ def main() -> None:
         return plan()
 
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -175,11 +179,10 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == args.steps - 1:
-            mean = loss.detach().clone()
-            dist.all_reduce(mean, op=dist.ReduceOp.AVG if cuda else dist.ReduceOp.SUM)
-            mean = mean if cuda else mean / world  # gloo has no AVG
+            total = loss.detach().clone()
+            dist.all_reduce(total)  # SUM: gloo has no AVG
             if rank == 0:
-                print(f"step {step:3d}  loss {mean.item():.4f}  {time.perf_counter() - start:.1f} s", flush=True)
+                print(f"step {step:3d}  loss {total.item() / world:.4f}  {time.perf_counter() - start:.1f} s")
     if tracker is not None:
         tracker.__exit__(None, None, None)
     peak = tracker.peak if tracker is not None else torch.cuda.max_memory_allocated(device) if args.measure else 0

@@ -199,6 +199,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, bat
     return answers
 
 
+def answer_budget(tokenizer, records) -> int:
+    """New tokens to generate: the longest reference answer plus 2 (room to overshoot and be judged wrong)
+    and the end-of-sequence token; an untrained model that rambles stops there instead of at a fixed 100."""
+    return max(len(tokenizer(r["answer"], add_special_tokens=False).input_ids) for r in records) + 3
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, records, *, max_len=128, batch_size=32) -> dict:
     """Held-out metrics: mean loss per target token, and for prompt/answer records the greedy answers and their
@@ -220,8 +226,8 @@ def evaluate(model, tokenizer, records, *, max_len=128, batch_size=32) -> dict:
     result = {"loss": total / max(count, 1), "exact_match": None, "predictions": None}
     pairs = [r for r in records if "answer" in r]
     if pairs:
-        longest = max(len(tokenizer(r["answer"], add_special_tokens=False).input_ids) for r in pairs)
-        predictions = generate(model, tokenizer, [r["prompt"] for r in pairs], longest + 2, batch_size)
+        predictions = generate(model, tokenizer, [r["prompt"] for r in pairs], answer_budget(tokenizer, pairs),
+                               batch_size)
         result["predictions"] = predictions
         result["exact_match"] = sum(p == r["answer"].strip() for p, r in zip(predictions, pairs)) / len(pairs)
     return result
@@ -313,15 +319,17 @@ def main(argv=None) -> dict:
     adapter_dir = lowrank.save_adapter(model, out / "adapter")
 
     # The adapter on and off, then gone, then back from its files: the base model is never lost.
-    shown = [r for r in held_out if "answer" in r][: args.show]
+    pairs = [r for r in held_out if "answer" in r]
+    shown = pairs[: args.show]
     prompts = [r["prompt"] for r in shown]
-    tuned = generate(model, tokenizer, prompts)
+    budget = answer_budget(tokenizer, pairs) if pairs else 0  # as in evaluate: the same greedy answers
+    tuned = generate(model, tokenizer, prompts, budget)
     with lowrank.disabled(model):
-        base = generate(model, tokenizer, prompts)
+        base = generate(model, tokenizer, prompts, budget)
     lowrank.eject(model)
-    ejected = generate(model, tokenizer, prompts)
+    ejected = generate(model, tokenizer, prompts, budget)
     lowrank.load_adapter(model, adapter_dir)
-    reloaded = generate(model, tokenizer, prompts)
+    reloaded = generate(model, tokenizer, prompts, budget)
     for r, a, b in zip(shown, tuned, base):
         print(f"\n{r['prompt']}\n  reference : {r['answer']}\n  adapter   : {a}\n  base model: {b!r}")
     print(f"\nafter eject the model answers as the base model: {ejected == base}; "
@@ -336,6 +344,7 @@ def main(argv=None) -> dict:
         "trainable_parameters": sum(p.numel() for p in lowrank.adapter_parameters(model)),
         "before": {k: before[k] for k in ("exact_match", "loss")},
         "after": {k: after[k] for k in ("exact_match", "loss")},
+        "predictions_before": before["predictions"], "predictions_after": after["predictions"],
         "losses": losses, "times": times, "peak_rss_mib": peak_rss_mib(),
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
         "examples": [{"prompt": r["prompt"], "reference": r["answer"], "adapter": a, "base": b, "ejected": e,

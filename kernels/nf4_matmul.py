@@ -86,12 +86,12 @@ def _weight_tile(
         GROUPS: tl.constexpr = BLOCK_KB // GROUP
         first = kb0 + tl.arange(0, GROUPS) * GROUP  # (GROUPS,)
         g_mask = (offs_n[:, None] < n_limit) & (first[None, :] < kb_limit)
-        absmax = _block_absmax((row + first[None, :]) // (BLOCK_SIZE // 2), g_mask, absmax_ptr, absmax2_ptr,
-                               dmap_ptr, offset_ptr, DOUBLE_QUANT)  # fmt: skip (BN, GROUPS)
+        block = (row + first[None, :]) // (BLOCK_SIZE // 2)  # (BN, GROUPS)
+        absmax = _block_absmax(block, g_mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, DOUBLE_QUANT)
         absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, GROUPS, 2 * GROUP)), (BLOCK_N, 2 * BLOCK_KB))
     else:
-        absmax = _block_absmax((row + offs_kb[None, :]) // (BLOCK_SIZE // 2), mask, absmax_ptr, absmax2_ptr, dmap_ptr,
-                               offset_ptr, DOUBLE_QUANT)  # fmt: skip (BN, BKB): one per byte
+        block = (row + offs_kb[None, :]) // (BLOCK_SIZE // 2)  # (BN, BKB): one absmax per byte
+        absmax = _block_absmax(block, mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, DOUBLE_QUANT)
         absmax = tl.reshape(tl.join(absmax, absmax), (BLOCK_N, 2 * BLOCK_KB))
     values = values * absmax
     if W_DTYPE != DTYPE:
@@ -264,12 +264,22 @@ def _launch(kernels, out_block, x2, w, out_cols, split, config):
     partial = split > 1
     out = torch.empty((split, m, out_cols) if partial else (m, out_cols), device=x2.device,
                       dtype=torch.float32 if partial else x2.dtype)  # fmt: skip
-    meta = dict(BLOCK_SIZE=w.block_size, DOUBLE_QUANT=w.double_quant, PARTIAL=partial,
-                PRECISION="ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
-                W_DTYPE=_TL_DTYPES[_rounding_dtype(w, x2.dtype)], GROUPED=k % w.block_size == 0, LOOKUP=_dequant.LOOKUP,
-                INTERPRET=interpreting())  # fmt: skip
+    meta = {
+        "BLOCK_SIZE": w.block_size,
+        "DOUBLE_QUANT": w.double_quant,
+        "PARTIAL": partial,
+        # float32 operands: IEEE float32 products (torch.matmul does not use tf32 by default either).
+        "PRECISION": "ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
+        "W_DTYPE": _TL_DTYPES[_rounding_dtype(w, x2.dtype)],
+        "GROUPED": k % w.block_size == 0,  # rows start on block boundaries: one absmax per (row, block)
+        "LOOKUP": _dequant.LOOKUP,
+        "INTERPRET": interpreting(),
+    }
     small, large = kernels
-    grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(out_cols, c[out_block]), split)  # noqa: E731
+
+    def grid(c):
+        return triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(out_cols, c[out_block]), split
+
     args = (x2, *_weight_args(w), out, m, n, k, x2.stride(0), split)
     if config is None and interpreting():  # the interpreter cannot autotune (it has no device timer)
         config = _INTERPRETER_CONFIG

@@ -23,7 +23,8 @@ import os
 
 import torch
 
-from .nf4 import NF4Tensor, dequantize as _reference_dequantize
+from .nf4 import NF4Tensor
+from .nf4 import dequantize as _reference_dequantize
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -107,7 +108,7 @@ def _(x, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, transp
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, transpose = inputs
+    _, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, transpose = inputs
     ctx.save_for_backward(packed, absmax, absmax2, offset)  # packed codes + scales only: ~0.52 bytes per weight
     ctx.meta = (n, k, block_size, weight_dtype, transpose)
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .inject import lora_layers
 

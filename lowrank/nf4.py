@@ -197,19 +197,47 @@ def quantize_blockwise(values: torch.Tensor, boundaries: torch.Tensor, block_siz
     return _count_below(scaled, boundaries).view(-1), absmax
 
 
+def _nf4_code_table(bins: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for an exact NF4 code lookup: split [-1, 1] into ``bins`` equal bins (edges exact in float32).
+
+    ``base[b]`` = midpoints below bin b's lower edge; ``inside[b]`` = the one midpoint inside bin b, else 2.0.
+    Then ``code(s) = base[b] + (s > inside[b])`` with ``b = int(s * bins/2 + bins/2)``. Exact as long as every
+    bin holds at most one midpoint and no midpoint lies within float32 rounding of an edge (a value computed
+    into the neighbouring bin then still counts the same midpoints): both are checked here, not assumed.
+    """
+    mids = _NF4_MIDPOINTS.tolist()
+    position = [(m + 1) * bins / 2 for m in mids]  # in bins; float64, exact enough for the margin check
+    index = [int(p) for p in position]
+    assert len(set(index)) == len(index), "two NF4 midpoints in one bin"
+    # The nearest edge is 0.0297 bins away (at 256 bins); float32 bin arithmetic errs by < 1e-4 bins.
+    assert min(abs(p - round(p)) for p in position) > 1e-3, "an NF4 midpoint sits on a bin edge"
+    edges = [2 * i / bins - 1 for i in range(bins)]
+    base = torch.tensor([sum(m < e for m in mids) for e in edges], dtype=torch.uint8)
+    inside = torch.full((bins,), 2.0)
+    inside[index] = _NF4_MIDPOINTS
+    return base, inside
+
+
+_CODE_BASE, _CODE_INSIDE = _nf4_code_table()
+
+
 def _count_below(scaled: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
-    """``#{boundaries < scaled}`` per element (uint8 for <= 255 boundaries, else int32)."""
-    if boundaries.numel() > 16:
+    """``#{boundaries < scaled}`` per element: uint8 for the NF4 midpoints, int32 otherwise.
+
+    For NF4 a table lookup (``_nf4_code_table``) replaces torch.bucketize's per-element binary search: 28 vs
+    161 ms for a 1536x576 weight on one thread of the 2-core CPU, and about 8 tensor ops, not 15 compares +
+    15 adds (47 ms; on a busy machine every multi-threaded op also pays a thread-barrier wait, so fewer ops
+    matter). Ties (value == midpoint) go to the lower code, as with bucketize(right=False).
+    """
+    if boundaries is not _NF4_MIDPOINTS:
         return torch.bucketize(scaled, boundaries.to(scaled.device), out_int32=True, right=False)
-    # 15 vectorized compares beat torch.bucketize's per-element binary search 2.7x on CPU (17 vs 46 ms for a
-    # 1536x576 weight, 2-core CPU); the count is the code exactly, with ties (==) going low as required. The bool
-    # results are added as uint8 views: uint8 += bool takes a slow type-promoting path (24 ms per add, not 1).
-    values = boundaries.tolist()  # Python floats (exact float32 values): no device tensor, no sync
-    codes = torch.gt(scaled, values[0]).view(torch.uint8)
-    hit = torch.empty_like(scaled, dtype=torch.bool)
-    for b in values[1:]:
-        codes += torch.gt(scaled, b, out=hit).view(torch.uint8)
-    return codes
+    half = _CODE_BASE.numel() / 2
+    base, inside = _CODE_BASE.to(scaled.device), _CODE_INSIDE.to(scaled.device)
+    flat = scaled.reshape(-1)
+    bins = flat.mul(half).add_(half).to(torch.int32).clamp_(0, base.numel() - 1)  # |s| may exceed 1 by an ulp
+    codes = base.index_select(0, bins)
+    codes += torch.gt(flat, inside.index_select(0, bins)).view(torch.uint8)
+    return codes.view(scaled.shape)
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -96,9 +96,10 @@ def test_providers_train_the_same_model():
     dense = {k: v for k, v in first.items() if k[0] != "qlora_all"}
     assert len(set(dense.values())) == 1, dense  # adding a zero update is exact in bf16
     qlora = [v for k, v in first.items() if k[0] == "qlora_all"]
-    # same NF4 bytes; the bf16 matmuls of the two libraries may round differently (loss ~ ln(128) = 4.85)
-    assert max(qlora) - min(qlora) < 2e-2
-    assert abs(qlora[0] - first[("full", "torch")]) < 0.1  # NF4 error moves a 4.85 loss by ~1e-3, not 0.1
+    # the same NF4 bytes and bf16 matmuls (measured: identical); allow one bf16 rounding apart in the loss of ~4.9
+    assert max(qlora) - min(qlora) < 5e-3
+    # the layers really are quantized (the loss moves), by NF4's small error (measured 2e-4 on this model)
+    assert 0 < abs(qlora[0] - first[("full", "torch")]) < 2e-2
 
 
 def test_memory_worker_counts_the_training_state():

@@ -238,3 +238,17 @@ def test_bad_weights():
         w[2, 5] = bad
         with pytest.raises(ValueError, match="1 NaN/inf"):
             quantize(w)
+
+
+def test_code_lookup_equals_bucketize_everywhere():
+    # The table lookup must be exact: dense grid, random values, every midpoint and table-bin edge +- 2 ulps.
+    mids, edges = nf4._NF4_MIDPOINTS, torch.linspace(-1, 1, 257)
+    special = torch.cat([mids, edges])
+    near = [special]
+    for direction in (2.0, -2.0):
+        step = special
+        for _ in range(2):
+            step = torch.nextafter(step, torch.tensor(direction))
+            near.append(step)
+    values = torch.cat([torch.linspace(-1.001, 1.001, 200_001), torch.randn(100_000).clamp(-1, 1), *near])
+    assert torch.equal(nf4._count_below(values, mids).int(), torch.bucketize(values, mids, out_int32=True))

@@ -8,7 +8,7 @@ process, owns one test that re-runs the module with ``TRITON_INTERPRET=1`` in a 
 child (``INTERPRETER_CHILD``) the device-parametrized tests take the ``"cpu"`` device and nothing else.
 
 Under pytest's default "prepend" import mode this folder is on sys.path, so test modules import this file as
-``_interpreter``.
+``_interpreter`` (each defines its own ``kernels`` fixture from ``load_kernels``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 _CHILD_FLAG = "LOWRANK_KERNEL_TEST_CHILD"
 INTERPRETER_CHILD = os.environ.get(_CHILD_FLAG) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,7 +36,7 @@ def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0) -> str
     """Run one test module under TRITON_INTERPRET=1 in a fresh pytest; raise with its output if anything fails."""
     env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
-    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     out = done.stdout + done.stderr
     if done.returncode != 0:
         pytest.fail(f"interpreter run of {Path(module_file).name} failed (rc {done.returncode}):\n{out[-8000:]}")
@@ -47,15 +46,15 @@ def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0) -> str
     return summary[-1]
 
 
-@pytest.fixture
-def kernels():
-    """The kernel modules (imported lazily: the normal CPU process never imports triton)."""
+def load_kernels():
+    """The kernel modules, imported lazily (the normal CPU pytest process never imports triton); in the
+    interpreter child, checks that they really were built for the interpreter."""
     from lowrank.kernels import nf4_dequant, nf4_matmul
-
-    class _K:
-        dequant, matmul = nf4_dequant, nf4_matmul
 
     if INTERPRETER_CHILD and not nf4_dequant.interpreting():
         pytest.fail("TRITON_INTERPRET=1 is set but the kernels were built for the compiler (triton imported first)")
-    return _K
 
+    class Kernels:
+        dequant, matmul = nf4_dequant, nf4_matmul
+
+    return Kernels

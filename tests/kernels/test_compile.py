@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import lowrank
 from lowrank import dispatch, nf4
@@ -103,6 +103,18 @@ def test_nf4_linear_matches_float64_and_rejects_mismatch():
         dispatch.nf4_linear(torch.randn(5, 41), q)
 
 
+def test_backward_keeps_only_the_nf4_storage():
+    # Saved for backward: the packed bytes and scales (the op's own inputs), never a dequantized (out, in) W.
+    q = nf4.quantize(torch.randn(24, 40), 32, True)
+    x = torch.randn(5, 40, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dispatch.nf4_linear(x, q, torch.zeros(24, requires_grad=True)).sum().backward()
+    stored = {t.data_ptr() for t in (q.packed, q.absmax_q, q.absmax2, q.offset)}
+    assert saved and all(t.data_ptr() in stored for t in saved)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= 24 * 40]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_path_matches_reference_path(monkeypatch, dtype):
@@ -116,7 +128,7 @@ def test_cuda_kernel_path_matches_reference_path(monkeypatch, dtype):
         assert dispatch._use_triton(x) == (forced == "0")
         results[name] = _loss_and_grads(torch.compile(model, fullgraph=True), x)
     # bf16: the paths sum in different orders (split-K vs cuBLAS) before rounding to bf16, through 3 layers.
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-6)
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
     torch.testing.assert_close(results["triton"][0], results["reference"][0], **tol)
     for g, ge in zip(results["triton"][1], results["reference"][1]):
         torch.testing.assert_close(g, ge, **tol)

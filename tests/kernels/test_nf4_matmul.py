@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interpreter import INTERPRETER_CHILD, devices, kernels, run_module_in_interpreter  # noqa: F401
+from _interpreter import INTERPRETER_CHILD, devices, load_kernels, run_module_in_interpreter
 
 from lowrank import nf4
 
@@ -20,6 +20,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
 # Tiny tiles so the interpreter is fast and every shape below spans several tiles and a partial last tile.
 TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+
+
+@pytest.fixture
+def kernels():
+    return load_kernels()
+
 
 if not INTERPRETER_CHILD:
 
@@ -77,19 +83,24 @@ def test_forward_and_grad_x(kernels, device, dtype, m, n, k, block_size, double_
     [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.float32),
      (torch.bfloat16, torch.bfloat16)],
 )  # fmt: skip
-def test_identity_input_gives_the_exact_weight(kernels, device, w_dtype, dtype):
+@pytest.mark.parametrize("lookup", ["gather", "load"])
+def test_identity_input_gives_the_exact_weight(kernels, device, w_dtype, dtype, lookup, monkeypatch):
     # x = I: every output is one exact product (value * 1) plus exact zeros, so y = W^T bit for bit. This pins
     # the decoded tile itself: nibble order, block index across rows, absmax decode, and the rounding of W
-    # (to its original 16-bit dtype first, then to x's dtype, as lowrank.dispatch's reference does).
-    n, k = 24, 40
-    q = _nf4_weight(n, k, 32, True, device, w_dtype)
-    expect = nf4.dequantize(q, w_dtype if w_dtype != torch.float32 else dtype).to(dtype)  # (N, K)
-    assert torch.equal(kernels.matmul.reference_weight(q, dtype), expect)
-    for method in ("fused", "dequant"):
-        y = kernels.matmul.matmul(torch.eye(k, device=device, dtype=dtype), q, method=method, config=TILES)
-        assert torch.equal(y, expect.T), method
-        gx = kernels.matmul.matmul_grad_x(torch.eye(n, device=device, dtype=dtype), q, method=method, config=TILES)
-        assert torch.equal(gx, expect), method
+    # (to its original 16-bit dtype first, then to x's dtype, as lowrank.dispatch's reference does), for both
+    # code-book lookups of nf4_dequant._decode.
+    monkeypatch.setattr(kernels.dequant, "LOOKUP", lookup)
+    # K = 40: rows start mid-block (one absmax per byte); K = 64 with 64-wide K tiles: two blocks per tile row.
+    for n, k, block_k in ((24, 40, 32), (20, 64, 64)):
+        q = _nf4_weight(n, k, 32, True, device, w_dtype)
+        expect = nf4.dequantize(q, w_dtype if w_dtype != torch.float32 else dtype).to(dtype)  # (N, K)
+        assert torch.equal(kernels.matmul.reference_weight(q, dtype), expect)
+        tiles = {**TILES, "BLOCK_K": block_k}
+        for method in ("fused", "dequant"):
+            y = kernels.matmul.matmul(torch.eye(k, device=device, dtype=dtype), q, method=method, config=tiles)
+            assert torch.equal(y, expect.T), (method, k)
+            gx = kernels.matmul.matmul_grad_x(torch.eye(n, device=device, dtype=dtype), q, method=method, config=tiles)
+            assert torch.equal(gx, expect), (method, k)
 
 
 @pytest.mark.parametrize("device", devices())
