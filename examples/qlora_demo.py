@@ -131,7 +131,7 @@ def build_data(data_path=None, n_train: int = 1200, n_held_out: int = 200, seed:
     return train[:n_train], held_out[:n_held_out]
 
 
-def train(model, tokenizer, records, *, steps=240, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True):
+def train(model, tokenizer, records, *, steps=150, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True):
     """Train the model's adapters with AdamW; returns the loss of every step.
 
     Batches are drawn from a seeded shuffle (reshuffled each epoch); the learning rate warms up linearly over
@@ -264,15 +264,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="JSONL (prompt/answer or text) or text file (default: generated)")
     p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
-    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--n-train", type=int, default=1200)
-    p.add_argument("--n-held-out", type=int, default=100)
+    p.add_argument("--n-held-out", type=int, default=50)
     p.add_argument("--show", type=int, default=3, help="held-out examples to print with and without the adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster when other jobs load the cores)")
     p.add_argument("--out", default="runs/qlora-demo")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -281,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the whole demo; returns the run record also written to <out>/run.json."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -339,7 +343,8 @@ def main(argv=None) -> dict:
     record = {
         "model": str(args.model or default_model_path()), "method": args.method, "device": args.device,
         "dtype": str(dtype).removeprefix("torch."), "targets": TARGETS, "r": RANK, "alpha": ALPHA,
-        "dropout": DROPOUT, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "dropout": DROPOUT, "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed,
         "n_train": len(train_set), "n_held_out": len(held_out),
         "trainable_parameters": sum(p.numel() for p in lowrank.adapter_parameters(model)),
         "before": {k: before[k] for k in ("exact_match", "loss")},

@@ -36,7 +36,8 @@ def build_dataset(tokenizer, text: str, block_size: int) -> list[dict]:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}")
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     return [
-        {"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long), "labels": torch.tensor(b)}
+        {"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
+         "labels": torch.tensor(b)}
         for b in blocks
     ]
 
@@ -82,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--save-steps", type=int, default=0, help="also save the adapter every N steps (0: only at the end)")
+    p.add_argument("--save-steps", type=int, default=0, help="also save the adapter every N steps (0: at the end only)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--prompt", default="The lighthouse at Saint Aldric")
     p.add_argument("--seed", type=int, default=0)
@@ -91,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    """Train with Trainer; returns {"losses", "adapter", "generated", "generated_base", "optimized_parameters", "model"}."""
+    """Train with Trainer; returns {"losses", "adapter", "generated", "generated_base", "optimized_parameters"
+    (what Trainer's optimizer holds), "model"}."""
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
     args = parse_args(argv)

@@ -73,8 +73,12 @@ DYNAMIC_MAP = _dynamic_map()
 # exactly on a midpoint takes the lower code (torch.bucketize with right=False). Midpoints in float32.
 _NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 _DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
-# byte -> its two values (high nibble first): one gather decodes a byte, no shifts or masks on the hot path.
-_BYTE_TO_PAIR = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+# byte -> its two values (high nibble first): one gather decodes a byte, no shifts or masks on the hot path. The
+# pair is stored as one int64 (the two float32 bit patterns): a 1-D gather of 8-byte integers takes 1.5 ms for a
+# 1536x576 weight on one CPU thread, a (256, 2) float32 row gather 5.1 ms. Integers, so no bit pattern is ever
+# interpreted as a float64 (a NaN payload could be altered).
+_BYTE_TO_PAIR = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2) float32
+_BYTE_TO_PAIR_BITS = _BYTE_TO_PAIR.contiguous().view(torch.int64).view(256)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -322,8 +326,8 @@ def dequantize(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     pad = n_blocks * block // 2 - packed.numel()
     if pad:
         packed = torch.nn.functional.pad(packed, (0, pad), value=0x77)
-    values = _BYTE_TO_PAIR.to(packed.device).index_select(0, packed.int())  # (bytes, 2) float32
-    out = values.view(n_blocks, block) * absmax.unsqueeze(1)  # one float32 multiply per element
+    pairs = _BYTE_TO_PAIR_BITS.to(packed.device).index_select(0, packed.int())  # (bytes,) int64 = 2 float32
+    out = pairs.view(torch.float32).view(n_blocks, block).mul_(absmax.unsqueeze(1))  # one float32 multiply each
     out = out.view(-1)
     if pad:
         out = out[:n]

@@ -82,7 +82,16 @@ def test_trainable_and_frozen_counts(quick):
             assert by[("qlora_all", provider)]["trainable"] == _lora_params(LINEARS)
 
 
-def test_providers_train_the_same_model():
+@pytest.fixture
+def one_thread():
+    # as `--quick` does: tiny steps are 10 ms on one thread, up to 2 s with 2 OpenMP threads on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_providers_train_the_same_model(one_thread):
     """Adapters start at B = 0, so every LoRA provider's first loss is the base model's, bit for bit."""
     shape = bench_train.TINY_SHAPE
     first, changed = {}, {}
@@ -102,7 +111,7 @@ def test_providers_train_the_same_model():
     assert 0 < abs(qlora[0] - first[("full", "torch")]) < 2e-2
 
 
-def test_memory_worker_counts_the_training_state():
+def test_memory_worker_counts_the_training_state(one_thread):
     """A fresh process's training memory holds at least weights, gradients and two AdamW moments (bf16 each)."""
     shape = dict(bench_train.TINY_SHAPE, vocab=8192, hidden=256, intermediate=512)
     mem = bench_train.measure_memory(("full", "torch"), shape, "cpu", steps=1)

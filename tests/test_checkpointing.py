@@ -122,7 +122,7 @@ def test_silent_trap_is_caught_by_the_demo_training_loop():
     records = [{"prompt": f"order {i}", "answer": f"{i}|x"} for i in range(8)]
     before = {k: v.clone() for k, v in lowrank.adapter_state_dict(model).items()}
     with pytest.warns(UserWarning, match="None of the inputs"):
-        with pytest.raises(RuntimeError, match=r"4 adapters got no gradient \(first: model.layers.0.self_attn.q_proj\)"):
+        with pytest.raises(RuntimeError, match=r"4 adapters got no gradient \(first: model.layers.0.self_attn.q_proj"):
             qlora_demo.train(model, _ByteTokenizer(), records, steps=2, progress=False)
     after = lowrank.adapter_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before the first optimizer step
