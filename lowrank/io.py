@@ -222,7 +222,12 @@ def _merged_weight(layer: LoRALinear) -> torch.Tensor:
     wide = torch.promote_types(torch.promote_types(torch.float32, layer.lora_A.dtype), dtype)
     # dense_base_weight is W0 (out, in) whatever the merge state: a merged layer keeps its original weight aside.
     weight = (layer.dense_base_weight(wide) + layer.delta_weight(wide)).to(dtype)
-    return weight.T if layer.fan_in_fan_out else weight  # Conv1D stores (in, out)
+    return weight.T if layer.fan_in_fan_out or _from_conv1d(layer.base) else weight  # Conv1D stores (in, out)
+
+
+def _from_conv1d(module: nn.Module) -> bool:
+    """An NF4 layer quantized from a HF Conv1D: its dense export goes back to the (in, out) layout."""
+    return _is_quantized(module) and getattr(module, "from_conv1d", False)
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -233,8 +238,8 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     ``<name>.bias``; the ``lora_A`` / ``lora_B`` keys are dropped. NF4 layers, adapted or not, become a dense
     ``<name>.weight`` of shape (out, in): dequantized (+ the delta) in the layer's ``compute_dtype``, or its original
     weight dtype when ``compute_dtype`` is None, with the bias in the same dtype. The 4-bit rounding stays in the
-    weights: the file reproduces the quantized model, not the model before quantization. NF4Linear does not record
-    whether it was quantized from a Conv1D, so such layers come out in nn.Linear (out, in) layout. Tensors that
+    weights: the file reproduces the quantized model, not the model before quantization. NF4 layers quantized from a
+    Conv1D come out in its (in, out) layout, so the file loads into the original model class. Tensors that
     share storage (tied embeddings) are written under each key, so ``load_state_dict(..., strict=True)`` works.
     The model is not modified: a merged model stays merged, an unmerged one unmerged (the result is the same).
 
@@ -255,7 +260,8 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
         wrapped = tuple(name + "." for name in dense)
         for name, module in model.named_modules():
             if _is_quantized(module) and not name.startswith(wrapped):
-                dense[name] = (module.dequantize_weight(_dense_dtype(module)), module.bias)
+                weight = module.dequantize_weight(_dense_dtype(module))
+                dense[name] = (weight.T if _from_conv1d(module) else weight, module.bias)
     prefixes = tuple(name + "." for name in dense)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, (weight, bias) in dense.items():

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import nf4 as _nf4
 from ._match import find_targets, is_conv1d, is_linear
+from .dispatch import dequantize as _dequantize
 from .dispatch import nf4_linear
 from .nf4 import NF4Tensor
 
@@ -86,6 +87,9 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block_size, self.double_quant = block_size, bool(double_quant)
         self.compute_dtype, self.dtype = compute_dtype, dtype
+        # True when quantized from a HF Conv1D: the NF4 weight is stored (out, in) like nn.Linear's, and exports
+        # of dense weights (lowrank.save_merged) transpose back to Conv1D's (in, out) layout.
+        self.from_conv1d = False
         zeros = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
         self._store(_nf4.quantize(zeros, block_size, double_quant))
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -127,6 +131,7 @@ class NF4Linear(nn.Module):
         layer.in_features, layer.out_features = int(in_features), int(out_features)
         layer.block_size, layer.double_quant = block_size, bool(double_quant)
         layer.compute_dtype, layer.dtype = compute_dtype, weight.dtype
+        layer.from_conv1d = is_conv1d(linear)
         layer._store(q)
         bias = linear.bias
         layer.bias = None if bias is None else _frozen(bias.detach().clone())
@@ -143,9 +148,11 @@ class NF4Linear(nn.Module):
         return NF4Tensor(shape, self.dtype, self.block_size, packed, absmax=self.weight_absmax.view(torch.float32))
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W (out_features, in_features): dequantized in the original dtype, then cast to ``dtype`` if given."""
-        w = self.nf4_weight().dequantize()
-        return w if dtype is None else w.to(dtype)
+        """W (out_features, in_features): dequantized in the original dtype, then cast to ``dtype`` if given.
+
+        Runs the Triton dequantize kernel for CUDA weights, the torch reference otherwise (bit-identical).
+        """
+        return _dequantize(self.nf4_weight(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -480,6 +480,26 @@ def test_save_merged_dense_float32(tmp_path, base, x):
     restored.load_state_dict(merged, strict=True)
     torch.testing.assert_close(restored(x), model(x), **F32_TOL)
 
+
+def test_save_merged_of_quantized_conv1d_keeps_conv1d_layout(tmp_path):
+    # GPT-2's Conv1D quantized to NF4 is stored (out, in); the dense export must go back to (in, out) so that
+    # the file loads into the original model class. Non-square layers make a wrong layout fail loudly, and the
+    # square-free check below (outputs) catches a silently transposed one.
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    base = nn.Sequential(Conv1D(64, 128), nn.GELU(), Conv1D(128, 64))  # weights (128, 64) and (64, 128)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    qmodel = lowrank.quantize(copy.deepcopy(base), targets=["0", "2"])
+    model = adapted(qmodel, targets=["0"], r=2, alpha=4)
+    merged = load_file(lowrank.save_merged(model, tmp_path / "m.safetensors"))
+    assert merged["0.weight"].shape == (128, 64) and merged["2.weight"].shape == (64, 128)
+    restored = copy.deepcopy(base)
+    restored.load_state_dict(merged, strict=True)
+    x = torch.randn(3, 128)
+    # Same dequantized weights summed in a different order (dense vs NF4 op): float32 rounding only.
+    torch.testing.assert_close(restored(x), model(x), **F32_TOL)
+
     lowrank.merge(model)
     again = load_file(lowrank.save_merged(model, tmp_path))  # a directory: <dir>/model.safetensors
     assert (tmp_path / "model.safetensors").is_file() and all(layer.merged for _, layer in lowrank.lora_layers(model))
