@@ -4,10 +4,10 @@
 
 The task: read a one-sentence customer order written in one of several styles and answer in a fixed format,
 `name|city|item|quantity` (the item singular, the quantity in digits, even when the sentence spells it out).
-SmolLM2-135M-Instruct answers in prose or copies the sentence (0 of 200 held-out answers exact), and a rank-8
-adapter on q_proj/v_proj learns the format in a couple of hundred steps, so exact match on held-out orders shows
-what fine-tuning did. Held-out orders never share their (name, city, item) triple with a training order, so
-the metric rewards the rule, not memory.
+SmolLM2-135M-Instruct (NF4) mostly copies the sentence back (0 of 50 held-out answers exact); a rank-8 adapter
+on q_proj/v_proj gets 50 of 50 after 150 steps at batch 4 (measured; 49 of 50 after 40), so exact match on
+held-out orders shows what fine-tuning did. Held-out orders never share their (name, city, item) triple with a
+training order, so the metric rewards the rule, not memory.
 
 A user's file (`--data` in qlora_demo.py) is either JSONL, one object per line with `prompt` and `answer`
 (aliases: instruction/input/output/response/completion) or just `text`, or a plain text file (split into

@@ -75,12 +75,10 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: torch
         path, kwargs["gguf_file"] = path.parent, path.name
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    if "gguf_file" in kwargs:
+    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
         # The GGUF weights are now plain float tensors; HF still marks the model "quantized with gguf", which
         # makes Trainer refuse to train it and save_pretrained refuse to save it. Drop that bookkeeping.
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-        del model.config.quantization_config
+        model.hf_quantizer.remove_quantization_config(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -131,7 +129,7 @@ def build_data(data_path=None, n_train: int = 1200, n_held_out: int = 200, seed:
     return train[:n_train], held_out[:n_held_out]
 
 
-def train(model, tokenizer, records, *, steps=150, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True):
+def train(model, tokenizer, records, *, steps=80, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True):
     """Train the model's adapters with AdamW; returns the loss of every step.
 
     Batches are drawn from a seeded shuffle (reshuffled each epoch); the learning rate warms up linearly over
@@ -264,7 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=None, help="JSONL (prompt/answer or text) or text file (default: generated)")
     p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
-    p.add_argument("--steps", type=int, default=150)
+    # 80 steps: in a measured 150-step run the mean loss of steps 0-9 was 1.73, of 30-39 0.026, of 60-69 0.004.
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
