@@ -267,7 +267,9 @@ def run_group(keys, shape: dict, args, label: str) -> list[dict]:
     tokens = shape["batch"] * shape["seq"]
     for key, fn in steps.items():
         row = rows[key]
-        row["median_s"] = statistics.median(times[f"{key[0]}/{key[1]}"])
+        row["times_s"] = times[f"{key[0]}/{key[1]}"]
+        row["median_s"] = statistics.median(row["times_s"])
+        row["spread"] = (max(row["times_s"]) - min(row["times_s"])) / row["median_s"]  # noise: (max - min) / median
         row["tokens_per_s"] = tokens / row["median_s"]
         gc.collect()
         common.release_freed_memory()
@@ -332,8 +334,8 @@ def profile_entries(keys, shape: dict, device: str, top: int = 12) -> str:
 # ---- main ------------------------------------------------------------------------------------------------------
 
 COLUMNS = [
-    "model", "layers", "seq", "scenario", "provider", "median_s", "tokens_per_s", "peak_rss_mb", "train_mem_mb",
-    "step_delta_mb", "frozen_mb", "trainable", "time_vs_peer", "mem_vs_peer", "time_vs_lora",
+    "model", "layers", "seq", "scenario", "provider", "median_s", "spread", "tokens_per_s", "peak_rss_mb",
+    "train_mem_mb", "step_delta_mb", "frozen_mb", "trainable", "time_vs_peer", "mem_vs_peer", "time_vs_lora",
 ]  # fmt: skip
 
 
@@ -441,8 +443,8 @@ def _notes(args, shape) -> str:
         f"Step = zero_grad + forward + backward + AdamW. Median of {args.repeats} steps after {args.warmup} "
         f"warm-up rounds (SmolLM2-135M, 30 layers: {args.real_repeats} after 1), providers alternating within each "
         "round.\n\n"
-        "Columns: `median_s` seconds per step; `peak_rss_mb` whole-process peak RSS of a fresh process that built "
-        "only this provider (peak reset after building); `train_mem_mb` that peak minus the RSS after imports; "
+        "Columns: `median_s` seconds per step; `spread` (max - min) / median of the timed steps (noise); "
+        "`peak_rss_mb` whole-process peak RSS of a fresh process that built only this provider (peak reset after building); `train_mem_mb` that peak minus the RSS after imports; "
         "`step_delta_mb` the peak of one step above the RSS before it, in the timing process; `frozen_mb` bytes of "
         "frozen weights (incl. embeddings, NF4 data and scales); `time_vs_peer` / `mem_vs_peer` lowrank / peer "
         "(`train_mem_mb`); `time_vs_lora` lowrank QLoRA / lowrank LoRA on the dense base.\n"

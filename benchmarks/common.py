@@ -8,7 +8,7 @@ Every `benchmarks/bench_*.py` imports this one module (run them as `python bench
     write_results("bench_x", rows, columns=["provider", "median_s"], title="...")
 
 Timing: the median of `repeats` calls after `warmup` calls; with several providers the calls alternate
-(A B C A B C ...) so slow drift of the machine (thermal, a neighbour process) hits every provider alike.
+(A B C, B C A, C A B, ...) so slow drift of the machine (thermal, a neighbour process) hits every provider alike.
 Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the resident-set high-water mark (VmHWM), which Linux
 lets a process reset by writing "5" to /proc/self/clear_refs, so one process can measure the peak of one phase.
 """
@@ -52,7 +52,8 @@ def time_alternating(
     repeats: int = 5,
     device: str | torch.device | None = None,
 ) -> dict[str, list[float]]:
-    """Time several callables, interleaved: warm-up rounds, then `repeats` rounds of one call each.
+    """Time several callables, interleaved: warm-up rounds, then `repeats` rounds of one call each, the order
+    rotated by one each round (A B C, B C A, C A B, ...).
 
     Args:
         fns: name -> zero-argument callable (one training step, one kernel call, ...).
@@ -63,13 +64,19 @@ def time_alternating(
     Returns:
         name -> list of `repeats` wall times in seconds; take `statistics.median` of it.
     """
+    if not fns:
+        return {}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        # Rotate the order each round: a call runs after a different neighbour every time, so the cost one
+        # leaves behind (freed memory to fault in again, a cold cache) is not always charged to the same one.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -232,7 +239,7 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 999.5 else f"{value:,.0f}"  # 999.7 would print as "1e+03"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)

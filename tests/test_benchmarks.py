@@ -123,9 +123,10 @@ def test_memory_worker_counts_the_training_state(one_thread):
 
 def test_time_alternating_interleaves_providers():
     calls = []
-    times = common.time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 2)
-    assert calls == ["a", "b"] * 3
-    assert [len(t) for t in times.values()] == [2, 2] and min(times["a"] + times["b"]) >= 0
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.time_alternating(fns, warmup=1, repeats=3)
+    assert calls == list("abc" + "abc" + "bca" + "cab")  # warm-up, then each round rotated by one
+    assert [len(t) for t in times.values()] == [3, 3, 3] and min(min(t) for t in times.values()) >= 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak reset needs Linux /proc")
