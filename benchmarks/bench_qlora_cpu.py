@@ -86,19 +86,6 @@ def add_lora_peft(model):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def make_step(model, params, ids):
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
-
-
 def quantized_bytes(model) -> int:
     total = 0
     for module in model.modules():
@@ -158,7 +145,7 @@ def main(argv=None):
     steps, first_loss = {}, {}
     for name, (_, add_lora) in providers.items():
         model, params = add_lora(models[name])
-        steps[name] = make_step(model, params, ids)
+        steps[name] = common.adamw_step(model, params, ids)
         with torch.no_grad():
             first_loss[name] = model(input_ids=ids, labels=ids).loss.item()
     common.progress(f"timing {len(steps)} provider(s): {args.warmup} warm-up + {args.repeats} steps each")

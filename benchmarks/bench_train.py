@@ -196,16 +196,7 @@ def make_step(model, params, shape: dict, device: str):
     the loss."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
+    return common.adamw_step(model, params, ids)
 
 
 # ---- memory in a fresh process --------------------------------------------------------------------------------

@@ -36,6 +36,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
+def adamw_step(model: torch.nn.Module, params, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A zero-argument training step on a fixed batch: zero_grad, forward + LM loss, backward, AdamW (lr 1e-4).
+
+    Returns the loss as a detached tensor (no ``.item()``: a host sync inside the timed region on CUDA).
+    """
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
 def progress(msg: str) -> None:
     """Print one progress line with the wall-clock time, flushed (benchmarks run for minutes)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

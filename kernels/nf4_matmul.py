@@ -100,6 +100,18 @@ def _weight_tile(
 
 
 @triton.jit
+def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
+    """(pid_m, pid_other) of program ``pid`` in grouped order: GROUP_M row tiles share each column tile of the
+    weight while it is in L2 (Triton tutorial 03's swizzle)."""
+    group = pid // (GROUP_M * tiles_other)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_other)) % group_m
+    pid_other = (pid % (GROUP_M * tiles_other)) // group_m
+    return pid_m, pid_other
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, y_ptr,
     M, N, K, stride_xm, SPLIT_K,
@@ -112,13 +124,7 @@ def _forward_kernel(
     PARTIAL: write float32 into y[split, M, N] (split-K), else the tile in y's dtype.
     """
     pid, split = tl.program_id(0), tl.program_id(1)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share each weight column tile while it is in L2.
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # This split's K range: whole BLOCK_K steps, the last split possibly shorter (or empty: writes zeros).
@@ -154,12 +160,7 @@ def _grad_x_kernel(
 ):  # fmt: skip
     """grad_x = grad_y @ W over one (BLOCK_M, BLOCK_K) tile and one N split: (M, N) @ (N, K) -> (M, K)."""
     pid, split = tl.program_id(0), tl.program_id(1)
-    tiles_m, tiles_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * tiles_k)
-    first_m = group * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_k)) % group_m
-    pid_k = (pid % (GROUP_M * tiles_k)) // group_m
+    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
