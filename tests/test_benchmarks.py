@@ -82,16 +82,7 @@ def test_trainable_and_frozen_counts(quick):
             assert by[("qlora_all", provider)]["trainable"] == _lora_params(LINEARS)
 
 
-@pytest.fixture
-def one_thread():
-    # as `--quick` does: tiny steps are 10 ms on one thread, up to 2 s with 2 OpenMP threads on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_providers_train_the_same_model(one_thread):
+def test_providers_train_the_same_model():
     """Adapters start at B = 0, so every LoRA provider's first loss is the base model's, bit for bit."""
     shape = bench_train.TINY_SHAPE
     first, changed = {}, {}
@@ -111,7 +102,7 @@ def test_providers_train_the_same_model(one_thread):
     assert 0 < abs(qlora[0] - first[("full", "torch")]) < 2e-2
 
 
-def test_memory_worker_counts_the_training_state(one_thread):
+def test_memory_worker_counts_the_training_state():
     """A fresh process's training memory holds at least weights, gradients and two AdamW moments (bf16 each)."""
     shape = dict(bench_train.TINY_SHAPE, vocab=8192, hidden=256, intermediate=512)
     mem = bench_train.measure_memory(("full", "torch"), shape, "cpu", steps=1)

@@ -26,15 +26,6 @@ import qlora_demo  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread only adds synchronisation (70x slower when the other core is busy).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _adapted_llama(method: str, dropout: float, targets=("q_proj", "v_proj")) -> torch.nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

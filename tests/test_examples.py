@@ -40,16 +40,6 @@ def _char_tokenizer():
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second intra-op thread makes a 64x64 linear ~70x slower when the
-    # other core is busy (measured 27 ms vs 0.4 ms per call), and never faster at these sizes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A folder in HF layout (config.json, model.safetensors, tokenizer.json) that load_model reads offline."""

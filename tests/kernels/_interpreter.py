@@ -8,7 +8,7 @@ process, owns one test that re-runs the module with ``TRITON_INTERPRET=1`` in a 
 child (``INTERPRETER_CHILD``) the device-parametrized tests take the ``"cpu"`` device and nothing else.
 
 Under pytest's default "prepend" import mode this folder is on sys.path, so test modules import this file as
-``_interpreter`` (each defines its own ``kernels`` fixture from ``load_kernels``).
+``_interpreter`` (conftest.py here turns ``load_kernels`` into the ``kernels`` fixture).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pytest
 
 _CHILD_FLAG = "LOWRANK_KERNEL_TEST_CHILD"
 INTERPRETER_CHILD = os.environ.get(_CHILD_FLAG) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 def devices() -> list:
@@ -35,8 +34,13 @@ def devices() -> list:
 def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0) -> str:
     """Run one test module under TRITON_INTERPRET=1 in a fresh pytest; raise with its output if anything fails."""
     env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
-    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    # The `pytest` command next to this interpreter, as the project runs tests: `python -m pytest` from the repo
+    # root would put the root's kernels/ folder on sys.path, shadowing Hugging Face's top-level `kernels` package.
+    script = Path(sys.executable).with_name("pytest")
+    runner = [str(script)] if script.exists() else [sys.executable, "-m", "pytest"]
+    cmd = [*runner, module_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
+    cwd = Path(module_file).resolve().parent  # not the repo root, for the same reason (matters for the fallback)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     out = done.stdout + done.stderr
     if done.returncode != 0:
         pytest.fail(f"interpreter run of {Path(module_file).name} failed (rc {done.returncode}):\n{out[-8000:]}")

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interpreter import INTERPRETER_CHILD, devices, load_kernels, run_module_in_interpreter
+from _interpreter import INTERPRETER_CHILD, devices, run_module_in_interpreter
 
 from lowrank import nf4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture
-def kernels():
-    return load_kernels()
 
 
 if not INTERPRETER_CHILD:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interpreter import INTERPRETER_CHILD, devices, load_kernels, run_module_in_interpreter
+from _interpreter import INTERPRETER_CHILD, devices, run_module_in_interpreter
 
 from lowrank import nf4
 
@@ -20,11 +20,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
 # Tiny tiles so the interpreter is fast and every shape below spans several tiles and a partial last tile.
 TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
-
-
-@pytest.fixture
-def kernels():
-    return load_kernels()
 
 
 if not INTERPRETER_CHILD:
