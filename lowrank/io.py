@@ -12,7 +12,7 @@ An adapter directory holds two files:
   pattern key ``k`` for module ``m`` with ``re.match(rf"(.*\\.)?({k})$", m)``; we use the same rule when reading).
   ``fan_in_fan_out`` is true when any adapted layer is a Conv1D: PEFT decides per layer from the layer type anyway
   (it flips the flag for an nn.Linear or Conv1D that disagrees, with a warning), so a model that mixes both loads
-  correctly in PEFT, and lowrank ignores the flag when reading.
+  correctly in PEFT, and lowrank ignores the flag when reading. Built and validated in ``peft_config.py``.
 
 Writes are atomic per file: each file is written to a temporary name in the same directory, flushed to disk and
 renamed over the destination (``os.replace``), weights first, config last. A crash leaves each file either complete
@@ -28,7 +28,6 @@ import os
 import re
 import uuid
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,48 +39,11 @@ from safetensors.torch import load_file, save_file
 from ._match import is_linear, linear_features
 from .inject import eject, inject, lora_layers
 from .lora import LoRALinear
+from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config, scale
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 MERGED_NAME = "model.safetensors"
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
-
-# Config fields lowrank reads: name -> PEFT's default (PEFT silently uses these when a field is missing, so we do too).
-_USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
-# Accepted whatever their value: metadata, target selection (targets come from the tensor names), weight
-# initialisation (the file holds the trained weights) and switches that only act together with a rejected field.
-_IGNORED = {
-    "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
-    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "megatron_core", "qalora_group_size", "ensure_weight_tying",
-}  # fmt: skip
-# Features that change the forward pass or add tensors lowrank does not have: rejected unless at their default.
-_UNSUPPORTED = {
-    "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None, "layer_replication": None,
-    "use_qalora": False, "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
-    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
-    "megatron_config": None,
-}  # fmt: skip
-_KNOWN = set(_USED) | _IGNORED | set(_UNSUPPORTED)
-
-
-def _is_default(value, default) -> bool:
-    # PEFT writes both null and empty containers for "off"; an unknown field that is off is harmless.
-    return value == default or value in (None, False, [], {}, "")
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
 
 # ---------------------------------------------------------------------------------------------------- writing
 
@@ -119,50 +81,6 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _adapter_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None) -> dict:
-    rslora = {bool(layer.rslora) for _, layer in layers}
-    if len(rslora) > 1:
-        raise ValueError("PEFT's config has one use_rslora flag, but some adapted layers use rsLoRA and others do not")
-    r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
-    alpha = Counter(float(layer.alpha) for _, layer in layers).most_common(1)[0][0]
-    dropouts = Counter(float(layer.dropout_p) for _, layer in layers)
-    if len(dropouts) > 1:
-        warnings.warn(f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common")
-    rank_pattern = {name: int(layer.r) for name, layer in layers if layer.r != r}
-    alpha_pattern = {name: _number(layer.alpha) for name, layer in layers if float(layer.alpha) != alpha}
-    for name, layer in layers:  # the pattern keys are regexes to PEFT: make sure each resolves to its own layer
-        if (
-            _pattern_value(rank_pattern, name, r) != layer.r
-            or _pattern_value(alpha_pattern, name, alpha) != layer.alpha
-        ):
-            raise ValueError(f"cannot express the rank/alpha of {name!r} with PEFT's rank_pattern/alpha_pattern")
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": int(r),
-        "lora_alpha": _number(alpha),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "target_modules": [name for name, _ in layers],
-        "exclude_modules": None,
-        "lora_dropout": dropouts.most_common(1)[0][0],
-        "use_rslora": rslora.pop(),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
-        "bias": "none",
-        "init_lora_weights": True,
-        "use_dora": False,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "inference_mode": True,
-    }
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA adapters to ``path/adapter_model.safetensors`` and ``path/adapter_config.json``.
 
@@ -185,7 +103,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save (call lowrank.inject first)")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    config = _adapter_config(layers, base_model_name_or_path)
+    config = build_config(layers, base_model_name_or_path)
     tensors, bad = {}, []
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
@@ -277,54 +195,6 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _read_config(directory: Path) -> dict:
-    """adapter_config.json -> {r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern}, validated."""
-    file = directory / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {directory}")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type is {raw.get('peft_type')!r}; lowrank loads only LoRA adapters ('LORA')")
-    unsupported = {k: v for k, v in raw.items() if k in _UNSUPPORTED and not _is_default(v, _UNSUPPORTED[k])}
-    unknown = {k: v for k, v in raw.items() if k not in _KNOWN and not _is_default(v, None)}
-    if unsupported or unknown:
-        raise ValueError(
-            f"{file} uses features lowrank does not support: {unsupported | unknown} "
-            f"(supported: plain LoRA with bias='none'; fields read: {sorted(_USED)})"
-        )
-    cfg = {k: raw.get(k, default) for k, default in _USED.items()}
-    cfg = {k: (_USED[k] if v is None else v) for k, v in cfg.items()}  # PEFT writes null for "default"
-
-    def positive_number(key, value, integer):
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
-        if isinstance(value, bool) or not ok or value <= 0:
-            kind = "a positive integer" if integer else "a positive number"
-            raise ValueError(f"{file}: {key} must be {kind}, got {value!r}")
-
-    positive_number("r", cfg["r"], True)
-    positive_number("lora_alpha", cfg["lora_alpha"], False)
-    p = cfg["lora_dropout"]
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {p!r}")
-    if not isinstance(cfg["use_rslora"], bool):
-        raise ValueError(f"{file}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
-    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-        if not isinstance(cfg[key], dict):
-            raise ValueError(f"{file}: {key} must be an object mapping module patterns to values")
-        for pattern, value in cfg[key].items():
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regular expression: {e}") from None
-            positive_number(f"{key}[{pattern!r}]", value, integer)
-    return cfg
-
-
 def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     """adapter_model.safetensors -> {module name: {"lora_A": A, "lora_B": B}}, keys and tensors validated."""
     file = directory / WEIGHTS_NAME
@@ -394,8 +264,8 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
             in_features, out_features = module.in_features, module.out_features
         else:
             in_features, out_features = linear_features(module)
-        r = _pattern_value(cfg["rank_pattern"], name, cfg["r"])
-        alpha = _pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
+        alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         a, b = p["lora_A"], p["lora_B"]
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
             raise ValueError(
@@ -404,7 +274,7 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
                 f"({out_features}, {r})"
             )
         if isinstance(module, LoRALinear):
-            want, have = _scale(alpha, r, cfg["use_rslora"]), module.scale
+            want, have = scale(alpha, r, cfg["use_rslora"]), module.scale
             if module.r != r or not math.isclose(want, have, rel_tol=1e-6):
                 raise ValueError(
                     f"{name} already has an adapter with r={module.r}, scale={have:g}; {where} has r={r}, "
@@ -448,7 +318,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    cfg = _read_config(directory)
+    cfg = read_config(directory)
     pairs = _read_tensors(directory)
     plan = _plan(model, cfg, pairs, strict, directory)
     if not any(True for _ in lora_layers(model)):
