@@ -14,6 +14,11 @@ Providers: ``torch_bf16`` (dense bf16 weight, cuBLAS), ``fused`` (our in-registe
 M <= 16, tiled above), ``dequant`` (our dequantize kernel, then torch.matmul), ``bnb`` (bitsandbytes
 ``matmul_4bit``, when installed); ``*_load``: ours with the code-book lookup as a global load instead of
 ``tl.gather`` (the two variants of ``nf4_dequant._decode``, to pick the default by measurement). Writes ``bench_nf4.json`` and ``bench_nf4.md`` into ``--out``.
+
+Entry ``lora_decode`` (op column): one NF4 layer plus a LoRA adapter (r = 16, bf16 A and B) at decode sizes,
+``y + scale * (x A^T) B^T``. Providers: ``unfused`` (NF4 matmul, then ``x @ A^T``, then ``@ B^T``: three launches
+reading x twice) and ``fused`` (``nf4_lora.matmul_lora``: base matmul and ``x A^T`` in one pass, then ``@ B^T``).
+Both finish with the same scale, ``@ B^T`` and add; ``speedup_vs_unfused`` decides LOWRANK_FUSED_LORA's default.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ if OPTS.smoke and not torch.cuda.is_available():
 
 import common
 import triton
-from lowrank.kernels import nf4_dequant, nf4_matmul
+from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
 from lowrank import nf4
 
@@ -54,8 +59,11 @@ SHAPES = [(4096, 4096), (28672, 8192), (8192, 28672)]
 M_VALUES = [1, 16, 8192]
 if OPTS.quick:
     SHAPES, M_VALUES = SHAPES[:2], [1, 8192]
+# LoRA decode: (N, K) of the Llama-3-8B attention projection and MLP down projection (K = 14336: the longest x).
+LORA_SHAPES, LORA_M, LORA_R = [(4096, 4096), (4096, 14336)], [1, 16], 16
 if OPTS.smoke:
     SHAPES, M_VALUES = [(48, 128)], [1, 17]
+    LORA_SHAPES = [(48, 128)]
 try:  # the peer, only where installed and usable on this device
     import bitsandbytes as bnb
 
@@ -205,13 +213,55 @@ def matmul_rows(ceil: dict, backward: bool, flush) -> list[dict]:
     return rows
 
 
+def _lora_providers(x, w_nf4, a, b, scale) -> dict:
+    """unfused vs fused LoRA decode step; ``w_nf4`` gives the next rotated copy of the NF4 weight."""
+
+    def unfused():
+        y = nf4_matmul.matmul(x, w_nf4())  # (M, K) @ (K, N): the base layer
+        return y + ((x @ a.T) * scale) @ b.T  # (M, K) @ (K, r) @ (r, N): a second read of x
+
+    def fused():
+        y, xa = nf4_lora.matmul_lora(x, w_nf4(), a)  # one pass over x; xa (M, r) float32
+        return y + (xa.to(x.dtype) * scale) @ b.T
+
+    return {"unfused": unfused, "fused": fused}
+
+
+def lora_rows(ceil: dict, flush) -> list[dict]:
+    """Entry ``lora_decode``: unfused vs fused NF4 + LoRA (r = LORA_R) at M in LORA_M."""
+    rows = []
+    for n, k in LORA_SHAPES:
+        q = nf4.quantize((torch.randn(n, k, device=DEVICE) * 0.02).to(DTYPE), 64, True)
+        w_nf4 = rotation(lambda q=q: _clone(q), q.nbytes, ceil["l2_bytes"])
+        a = (torch.randn(LORA_R, k, device=DEVICE) / k**0.5).to(DTYPE)
+        b = (torch.randn(n, LORA_R, device=DEVICE) * 0.01).to(DTYPE)
+        for m in LORA_M:
+            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+            flop = 2.0 * m * (n * k + LORA_R * (k + n))
+            nbytes = q.nbytes + 2 * LORA_R * (k + n) + 2 * m * (k + n)  # NF4 W, bf16 A and B, x in and y out once
+            case = []
+            for name, fn in _lora_providers(x, w_nf4, a, b, 2.0).items():
+                ms = bench(fn)
+                floor = roofline_ms(flop, nbytes, ceil)
+                case.append({"op": "lora_decode", "M": m, "N": n, "K": k, "r": LORA_R, "provider": name, "ms": ms,
+                             "TFLOPs": flop / ms / 1e9, "roofline_ms": floor,
+                             "of_roofline": floor / ms if floor else None})  # fmt: skip
+                common.progress(f"lora_decode M={m} {n}x{k} r={LORA_R} {name}: {ms:.4f} ms")
+            for row in case:
+                row["speedup_vs_unfused"] = case[0]["ms"] / row["ms"]
+            rows += case
+        flush(rows)
+    return rows
+
+
 def main() -> None:
     torch.manual_seed(0)
     env = common.environment(DEVICE)
     env["interpreter"] = nf4_dequant.interpreting()
     ceil = ceilings()
     common.progress(f"device {env['device']}; ceilings {ceil}")
-    cols = ["op", "M", "N", "K", "provider", "ms", "TFLOPs", "GBps", "speedup_vs_bf16", "roofline_ms", "of_roofline"]
+    cols = ["op", "M", "N", "K", "r", "provider", "ms", "TFLOPs", "GBps", "speedup_vs_bf16", "speedup_vs_unfused",
+            "roofline_ms", "of_roofline"]  # fmt: skip
     out = OPTS.out or common.RESULTS_DIR
 
     def write(rows, notes=()):
@@ -221,7 +271,9 @@ def main() -> None:
     rows = dequant_rows(ceil)
     write(rows)
     rows += matmul_rows(ceil, not OPTS.no_backward, lambda more: write(rows + more))
+    rows += lora_rows(ceil, lambda more: write(rows + more))
     small = [r for r in rows if r["op"] == "forward" and r.get("M") == 1 and r["provider"] == "fused"]
+    fused_lora = [r for r in rows if r["op"] == "lora_decode" and r["provider"] == "fused"]
     notes = [
         (
             f"Ceilings measured in this run: copy {ceil['copy_GBps'] or 0:.0f} GB/s (read + write), bf16 matmul "
@@ -232,6 +284,8 @@ def main() -> None:
             "28672x8192; large M within 1.10x of torch_bf16 at M = 8192."
         ),
         "M=1 fused speedups: " + ", ".join(f"{r['N']}x{r['K']}: {r['speedup_vs_bf16'] or 0:.2f}x" for r in small),
+        f"LoRA decode (r = {LORA_R}), fused vs unfused: "
+        + ", ".join(f"M={r['M']} {r['N']}x{r['K']}: {r['speedup_vs_unfused']:.2f}x" for r in fused_lora),
     ]
     if OPTS.smoke:
         notes.append(
@@ -241,7 +295,8 @@ def main() -> None:
     print(common.markdown_table(rows, cols))
     print("\n".join(notes))
     print(f"wrote {paths[0]} and {paths[1]}")
-    fused_ms = statistics.median(r["ms"] for r in rows if r["provider"] == "fused") if rows else 0
+    fused = [r["ms"] for r in rows if r["provider"] == "fused" and r["op"] != "lora_decode"]
+    fused_ms = statistics.median(fused) if fused else 0
     common.progress(f"done (median fused time {fused_ms:.4f} ms)")
 
 

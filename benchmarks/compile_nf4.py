@@ -85,19 +85,27 @@ def main() -> None:
                         nf4_dequant._DEQUANT_WARPS, 3)  # fmt: skip
         rows.append({"kernel": "dequant", "tiles": f"BYTES={nbytes}", **r})
     mm_common = dict(common, PRECISION="ieee" if opts.dtype == "fp32" else "tf32", W_DTYPE=tl_dtype, GROUPED=True)
-    for name, fn, red, configs, partial in [
-        ("fwd_small", nf4_matmul._forward_kernel, "SPLIT_K", nf4_matmul._SMALL_CONFIGS, True),
-        ("grad_small", nf4_matmul._grad_x_kernel, "SPLIT_N", nf4_matmul._grad_x_small.configs, True),
-        ("fwd_large", nf4_matmul._forward_kernel, "SPLIT_K", nf4_matmul._LARGE_CONFIGS, False),
-        ("grad_large", nf4_matmul._grad_x_kernel, "SPLIT_N", nf4_matmul._LARGE_CONFIGS, False),
+    # The forward kernel's LoRA arguments: off (constexpr None: the plain kernel), or on with r = 16 (BLOCK_R 16).
+    lora_off = {"a_ptr": None, "xa_ptr": None, "R": None, "stride_am": None, "HAS_LORA": False, "BLOCK_R": 16}
+    lora_sig = {"a_ptr": f"*{opts.dtype}", "xa_ptr": "*fp32", "R": "i32", "stride_am": "i32"}
+    for name, fn, red, configs, partial, lora in [
+        ("fwd_small", nf4_matmul._forward_kernel, "SPLIT_K", nf4_matmul._SMALL_CONFIGS, True, False),
+        ("fwd_small_lora16", nf4_matmul._forward_kernel, "SPLIT_K", nf4_matmul._SMALL_CONFIGS, True, True),
+        ("grad_small", nf4_matmul._grad_x_kernel, "SPLIT_N", nf4_matmul._grad_x_small.configs, True, False),
+        ("fwd_large", nf4_matmul._forward_kernel, "SPLIT_K", nf4_matmul._LARGE_CONFIGS, False, False),
+        ("grad_large", nf4_matmul._grad_x_kernel, "SPLIT_N", nf4_matmul._LARGE_CONFIGS, False, False),
     ]:
-        first = "x_ptr" if fn is nf4_matmul._forward_kernel else "g_ptr"
-        out = "y_ptr" if fn is nf4_matmul._forward_kernel else "out_ptr"
-        stride = "stride_xm" if fn is nf4_matmul._forward_kernel else "stride_gm"
+        forward = fn is nf4_matmul._forward_kernel
+        first, out, stride = ("x_ptr", "y_ptr", "stride_xm") if forward else ("g_ptr", "out_ptr", "stride_gm")
         sig = {first: f"*{opts.dtype}", **weights, out: "*fp32" if partial else f"*{opts.dtype}", "M": "i32",
                "N": "i32", "K": "i32", stride: "i32", red: "i32"}  # fmt: skip
+        extra = {}
+        if forward:
+            extra = {"HAS_LORA": True, "BLOCK_R": 16} if lora else lora_off
+            sig = {**sig, **lora_sig} if lora else sig
         for c in configs:
-            r = compile_one(fn, sig, dict(mm_common, PARTIAL=partial, **c.kwargs), opts.arch, c.num_warps, c.num_stages)
+            consts = dict(mm_common, PARTIAL=partial, **c.kwargs, **extra)
+            r = compile_one(fn, sig, consts, opts.arch, c.num_warps, c.num_stages)
             tiles = (
                 "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 + f" w{c.num_warps} s{c.num_stages}"

@@ -16,6 +16,9 @@ Layout limits: the fused kernels decode whole bytes along a row, so they need an
 on a byte boundary); blocks may still cross rows (the block comes from the flat index). An odd K (an odd
 element count is only possible then) takes the "dequant" route, which works for any shape.
 
+The forward kernel also has a ``HAS_LORA`` switch that computes a LoRA down-projection ``x @ A^T`` in the same
+pass over x (inference only; its launcher is ``nf4_lora.matmul_lora``). Off, it compiles to the same code.
+
 Numerics: the weight tile is rounded to x's dtype exactly as the reference ``x @ dequantize(W, x.dtype).T``
 rounds it; products accumulate in float32 (``tl.dot``; float32 inputs use IEEE float32, not tf32).
 """
@@ -118,10 +121,16 @@ def _forward_kernel(
     BLOCK_SIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
     W_DTYPE: tl.constexpr, GROUPED: tl.constexpr, LOOKUP: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr=None, xa_ptr=None, R=None, stride_am=None, HAS_LORA: tl.constexpr = False, BLOCK_R: tl.constexpr = 16,
 ):  # fmt: skip
     """y = x @ W^T over one (BLOCK_M, BLOCK_N) tile and one K split: (M, K) @ (K, N) -> (M, N).
 
     PARTIAL: write float32 into y[split, M, N] (split-K), else the tile in y's dtype.
+    HAS_LORA: the programs of the first column tile (pid_n == 0) also compute the LoRA down-projection
+    ``xa = x @ A^T``, (M, K) @ (K, R) -> (M, R), from the x tiles they load anyway; A (R, K) is in x's dtype,
+    BLOCK_R a power of two >= R and >= 16 (the smallest tl.dot width). Their float32 sums are stored unrounded
+    as xa[split, M, R] (one partial per split, also when SPLIT_K is 1). Without HAS_LORA the LoRA arguments
+    default to None (constexpr: no kernel parameters) and every LoRA line is compiled out.
     """
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -132,6 +141,9 @@ def _forward_kernel(
     k_start = split * k_chunk
     k_end = min(k_start + k_chunk, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
@@ -142,12 +154,24 @@ def _forward_kernel(
         if INTERPRET:  # the interpreter's 16-bit dot is wrong for bf16: exact products in float32 instead
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # (BM, BK) @ (BK, BN)
+        if HAS_LORA:
+            if pid_n == 0:  # one column of programs reads A (R * K elements once per row tile); the rest skip it
+                a_mask = (offs_r[:, None] < R) & (offs_k[None, :] < k_end)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_am + offs_k[None, :], mask=a_mask, other=0.0)
+                # A comes in x's dtype (the launcher casts it): .to is a no-op, except under the interpreter,
+                # where x was widened to float32 above.
+                acc_xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)  # (BM, BK) @ (BK, BR)
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     if PARTIAL:
         tl.store(y_ptr + split.to(tl.int64) * M * N + y_offs, acc, mask=y_mask)
     else:
         tl.store(y_ptr + y_offs, _cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=y_mask)
+    if HAS_LORA:
+        if pid_n == 0:
+            xa_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+            xa_offs = split.to(tl.int64) * M * R + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+            tl.store(xa_ptr + xa_offs, acc_xa, mask=xa_mask)
 
 
 @triton.jit
@@ -215,7 +239,8 @@ _LARGE_CONFIGS = [
      (64, 256, 64, 8, 3)]
 ]  # fmt: skip
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}  # small tiles: fast in numpy
-_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "DOUBLE_QUANT", "GROUPED", "LOOKUP"]
+# HAS_LORA / R (absent from plain calls) give the LoRA variant (nf4_lora.py) its own tuning.
+_TUNE_KEY = ["M", "N", "K", "SPLIT_K", "DOUBLE_QUANT", "GROUPED", "LOOKUP", "HAS_LORA", "R"]
 _forward_small = triton.autotune(_SMALL_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
 _forward_large = triton.autotune(_LARGE_CONFIGS, key=_TUNE_KEY)(_forward_kernel)
 _grad_key = ["M", "N", "K", "SPLIT_N", "DOUBLE_QUANT", "GROUPED", "LOOKUP"]
@@ -258,8 +283,31 @@ def _check(x: torch.Tensor, w: _nf4.NF4Tensor, red: int, name: str) -> None:
         raise ValueError(f"{name} is on {x.device}, the NF4 weight on {w.packed.device}")
 
 
-def _launch(kernels, out_block, x2, w, out_cols, split, config):
-    """Run the forward or grad-x kernel on a 2-D input; returns (M, out_cols) in x2's dtype."""
+def _route(x, w, red, out_cols, name, method, config):
+    """Checks one call and picks its route: None for "dequant" (asked for, chosen by "auto", odd K or M = 0),
+    else ``(x2, split, config)``: x as (M, red) with unit stride, the reduction splits, the tiles without "split"."""
+    _check(x, w, red, name)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    x2 = x.reshape(-1, red)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if method == "auto":
+        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
+    if method == "dequant" or w.shape[1] % 2 or m == 0:  # odd K: rows do not start on byte boundaries (docstring)
+        return None
+    config = dict(config) if config is not None else None
+    split = config.pop("split", 1) if config is not None else _split(m, out_cols, red, x.device)
+    return x2, split, config
+
+
+def _launch(kernels, out_block, x2, w, out_cols, split, config, lora=None):
+    """Run the forward or grad-x kernel on a 2-D input; returns (M, out_cols) in x2's dtype.
+
+    ``lora``: the forward kernel's LoRA arguments (``a_ptr``, ``xa_ptr``, ``R``, ``stride_am``, ``HAS_LORA``,
+    ``BLOCK_R``), passed through unchanged; the caller allocates and reduces ``xa``.
+    """
     m = x2.shape[0]
     n, k = w.shape
     partial = split > 1
@@ -287,9 +335,10 @@ def _launch(kernels, out_block, x2, w, out_cols, split, config):
     if config is not None:  # explicit tiles: tests and benchmarks
         conf = {"GROUP_M": 8, **config}
         warps, stages = conf.pop("num_warps", 4), conf.pop("num_stages", 3)
-        small.fn[grid(conf)](*args, **meta, **conf, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+        small.fn[grid(conf)](*args, **meta, **conf, **(lora or {}), num_warps=warps, num_stages=stages,
+                             **LAUNCH_OPTIONS)  # fmt: skip
     else:
-        (small if m <= SMALL_M else large)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        (small if m <= SMALL_M else large)[grid](*args, **meta, **(lora or {}), **LAUNCH_OPTIONS)
     return out.sum(0, dtype=torch.float32).to(x2.dtype) if partial else out
 
 
@@ -307,19 +356,10 @@ def matmul(x: torch.Tensor, w: _nf4.NF4Tensor, *, method: str = "auto", config: 
         (..., N) tensor equal to ``x @ dequantize(W, x.dtype).T`` up to float32 summation order.
     """
     n, k = w.shape if len(w.shape) == 2 else (None, None)
-    _check(x, w, k, "x")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if method == "auto":
-        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
-    if method == "dequant" or k % 2 or m == 0:  # odd K: rows do not start on byte boundaries (module docstring)
+    route = _route(x, w, k, n, "x", method, config)
+    if route is None:
         return x @ _dequantize_as(w, x.dtype).T
-    config = dict(config) if config is not None else None
-    split = config.pop("split", 1) if config is not None else _split(m, n, k, x.device)
+    x2, split, config = route
     y = _launch((_forward_small, _forward_large), "BLOCK_N", x2, w, n, split, config)
     return y.reshape(*x.shape[:-1], n)
 
@@ -330,19 +370,10 @@ def matmul_grad_x(
     """``grad_x = grad_y @ W`` with W (N, K) in NF4: (..., N) -> (..., K). Arguments as in ``matmul``
     (``config`` tiles: BLOCK_N is the reduction step, BLOCK_K the output width, ``split`` splits N)."""
     n, k = w.shape if len(w.shape) == 2 else (None, None)
-    _check(grad_y, w, n, "grad_y")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    g2 = grad_y.reshape(-1, n)
-    if g2.stride(-1) != 1:
-        g2 = g2.contiguous()
-    m = g2.shape[0]
-    if method == "auto":
-        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
-    if method == "dequant" or k % 2 or m == 0:
+    route = _route(grad_y, w, n, k, "grad_y", method, config)
+    if route is None:
         return grad_y @ _dequantize_as(w, grad_y.dtype)
-    config = dict(config) if config is not None else None
-    split = config.pop("split", 1) if config is not None else _split(m, k, n, grad_y.device)
+    g2, split, config = route
     out = _launch((_grad_x_small, _grad_x_large), "BLOCK_K", g2, w, k, split, config)
     return out.reshape(*grad_y.shape[:-1], k)
 

@@ -12,6 +12,11 @@ device; inside it, Python picks the Triton kernels (``lowrank.kernels.nf4_matmul
 bf16/fp16/fp32) or the torch reference (everything else). A ``triton_op`` would let Inductor look inside the
 kernel, but it cannot be traced on a CPU-only machine; the custom op can.
 
+``nf4_lora_linear(x, weight, bias, a)`` is the inference-only variant for a LoRA layer over an NF4 base: the op
+``lowrank::nf4_lora_matmul`` returns ``(x W^T, x A^T)`` from one pass over x (``lowrank.kernels.nf4_lora``). It
+has a fake implementation (compile) but no autograd formula: it must not be used where a gradient is needed,
+and ``nf4_lora_linear`` raises if asked to.
+
 Routing, per call: ``LOWRANK_REFERENCE=1`` in the environment forces the reference everywhere (debugging,
 comparisons). Triton is imported only when a CUDA tensor first needs it.
 """
@@ -22,6 +27,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .nf4 import NF4Tensor
 from .nf4 import dequantize as _reference_dequantize
@@ -35,12 +41,12 @@ def _reference_forced() -> bool:
 
 @functools.cache
 def _kernels():
-    """``(nf4_dequant, nf4_matmul)`` kernel modules, or None where triton cannot be imported."""
+    """``(nf4_dequant, nf4_matmul, nf4_lora)`` kernel modules, or None where triton cannot be imported."""
     try:
-        from .kernels import nf4_dequant, nf4_matmul
+        from .kernels import nf4_dequant, nf4_lora, nf4_matmul
     except ImportError:  # no triton on this platform: the reference serves CUDA tensors too
         return None
-    return nf4_dequant, nf4_matmul
+    return nf4_dequant, nf4_matmul, nf4_lora
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -124,6 +130,45 @@ def _backward(ctx, grad):
 _nf4_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lowrank::nf4_lora_matmul", mutates_args=())
+def _nf4_lora_matmul(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, n: int, k: int, block_size: int, weight_dtype: torch.dtype, a: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(x @ W^T, x @ A^T)``: x (M, k) -> (M, n) in x.dtype and (M, r) in float32 (float64 for float64 x).
+
+    The weight arguments are those of ``_nf4_matmul``. No autograd formula (inference only). A (r, k) is used in
+    x's dtype on both paths.
+    """
+    weight = _rebuild(packed, absmax, absmax2, offset, n, k, block_size, weight_dtype)
+    if _use_triton(x):
+        return _kernels()[2].matmul_lora(x, weight, a)  # xa: float32 sums, not rounded to x's dtype
+    # The reference computes x A^T exactly as the unfused LoRA forward does (F.linear in x's dtype) and widens it
+    # without rounding, so the caller's cast back to x.dtype gives the unfused value bit for bit.
+    xa = F.linear(x, a.to(x.dtype)).to(torch.promote_types(x.dtype, torch.float32))  # (M, k) @ (k, r)
+    return _matmul_dequant(x, weight, True), xa
+
+
+@_nf4_lora_matmul.register_fake
+def _(x, packed, absmax, absmax2, offset, n, k, block_size, weight_dtype, a):
+    xa_dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], a.shape[0]), dtype=xa_dtype)
+
+
+def _op_args(x: torch.Tensor, weight: NF4Tensor, name: str) -> tuple[torch.Tensor, tuple]:
+    """Checks x against the weight; returns x as (M, in) and the ops' weight arguments (packed ... weight dtype)."""
+    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    if x.device != weight.packed.device:
+        raise ValueError(f"{name}: x is on {x.device}, the weight on {weight.packed.device}")
+    n, k = weight.shape
+    if weight.double_quant:
+        absmax, absmax2, offset = weight.absmax_q, weight.absmax2, weight.offset
+    else:
+        absmax, absmax2, offset = weight.absmax, None, None
+    return x.reshape(-1, k), (weight.packed, absmax, absmax2, offset, n, k, weight.block_size, weight.dtype)
+
+
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x W^T + b``, W = ``weight`` dequantized (16-bit original dtype first, then ``x.dtype``).
 
@@ -137,17 +182,39 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
     Raises:
         ValueError: shapes that do not match, or x and the weight on different devices.
     """
-    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"nf4_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    if x.device != weight.packed.device:
-        raise ValueError(f"nf4_linear: x is on {x.device}, the weight on {weight.packed.device}")
-    n, k = weight.shape
-    if weight.double_quant:
-        absmax, absmax2, offset = weight.absmax_q, weight.absmax2, weight.offset
-    else:
-        absmax, absmax2, offset = weight.absmax, None, None
-    x2d = x.reshape(-1, k)  # (M, in)
-    y = _nf4_matmul(x2d, weight.packed, absmax, absmax2, offset, n, k, weight.block_size, weight.dtype, True)
+    x2d, args = _op_args(x, weight, "nf4_linear")  # (M, in)
+    y = _nf4_matmul(x2d, *args, True)
     if bias is not None:
         y = y + bias
-    return y.view(*x.shape[:-1], n)  # (M, in) @ (in, out) -> (..., out)
+    return y.view(*x.shape[:-1], weight.shape[0])  # (M, in) @ (in, out) -> (..., out)
+
+
+def nf4_lora_linear(
+    x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None, a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x W^T + b, x A^T)`` in one pass over x: an NF4 layer and its LoRA down-projection, for inference.
+
+    Args:
+        x: (..., in_features), floating. weight: NF4Tensor of shape (out_features, in_features), on x's device.
+        bias: (out_features,) in x.dtype, or None. a: LoRA A of shape (r, in_features), used in x.dtype.
+
+    Returns:
+        ``(y, xa)``: y (..., out_features) in x.dtype, as ``nf4_linear``; xa (..., r) in float32 (float64 for
+        float64 x), not yet rounded to x.dtype: ``xa.to(x.dtype)`` is the unfused ``F.linear(x, a.to(x.dtype))``
+        (bit for bit on the reference path, up to float32 summation order on the Triton path).
+
+    Raises:
+        ValueError: shapes that do not match, or x and the weight on different devices.
+        RuntimeError: a gradient is needed (grad mode on and x, bias or a requires grad): the op has no backward,
+            so the caller must run it under ``torch.no_grad()`` / ``torch.inference_mode()`` or on tensors that
+            need no gradient. Training uses ``nf4_linear`` and separate adapter matmuls.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, a)):
+        raise RuntimeError("nf4_lora_linear is inference-only (no backward): call it under torch.no_grad()")
+    if a.dim() != 2 or a.shape[1] != x.shape[-1]:
+        raise ValueError(f"nf4_lora_linear: x {tuple(x.shape)} does not match LoRA A {tuple(a.shape)}")
+    x2d, args = _op_args(x, weight, "nf4_lora_linear")  # (M, in)
+    y, xa = _nf4_lora_matmul(x2d, *args, a)  # (M, out), (M, r)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0]), xa.view(*x.shape[:-1], a.shape[0])

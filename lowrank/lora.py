@@ -10,19 +10,34 @@ gives back the very module that was wrapped.
 State-dict naming: the wrapper is invisible in ``state_dict()``. Its keys are the base's keys under the layer's
 own prefix (``q_proj.weight``, not ``q_proj.base.weight``) plus ``q_proj.lora_A`` / ``q_proj.lora_B``. Loading
 renames the other way, and a checkpoint of the original model (no adapter keys) loads with ``strict=True``.
+
+Fused inference (opt-in, ``LOWRANK_FUSED_LORA=1``): over an NF4 base, a forward that needs no gradient can
+compute the base matmul and ``x A^T`` in one pass over x (``lowrank.dispatch.nf4_lora_linear``); see
+`LoRALinear._fused_route` for when. Same casts, scale and output dtype as the unfused forward: equal to it bit
+for bit on the CPU reference path, up to float32 summation order in the Triton kernel.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._match import is_conv1d, is_linear, linear_features
+from .dispatch import nf4_lora_linear
+from .nf4_linear import NF4Linear
 
 _ADAPTER_KEYS = ("lora_A", "lora_B")
+
+
+def _fused_lora_enabled() -> bool:
+    """``LOWRANK_FUSED_LORA=1`` (read per call; anything else is off) lets inference forwards over an NF4 base
+    take the one-pass route. Off by default: the route has no GPU measurement yet (benchmarks/bench_nf4.py,
+    entry lora_decode, times it at decode sizes); a GPU session will measure it and may switch the default."""
+    return os.environ.get("LOWRANK_FUSED_LORA", "") == "1"
 
 
 def _check_hyperparameters(r, alpha, dropout, adapter_dtype) -> None:
@@ -178,12 +193,45 @@ class LoRALinear(nn.Module):
                 return self._dense_forward(x, self._merged_weight)
             return self.base(x)  # the base weight holds W0 + delta
 
+        if self.enabled and self._fused_route(x):
+            return self._fused_forward(x)
         result = self.base(x)
         if not self.enabled:
             return result
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # Scale the (..., r) intermediate: r is the smallest dimension, so this is the cheapest place.
         update = F.linear(F.linear(self.dropout(x), a) * self.scale, b)  # (..., in) -> (..., r) -> (..., out)
+        return result + update.to(result.dtype)
+
+    def _fused_route(self, x: torch.Tensor) -> bool:
+        """Whether this (unmerged, enabled) forward may take `_fused_forward`: all of
+
+        - the switch is on (``LOWRANK_FUSED_LORA=1``) and the base is an ``NF4Linear`` without hooks (the fused
+          forward does not call the base module) computing in x's dtype (``compute_dtype`` None or x.dtype: the
+          one x read serves both products);
+        - dropout is inactive (p = 0 or eval mode): the adapter reads the very x the base reads;
+        - no gradient is needed: grad mode off, or none of x, A, B and the base bias requires grad (the fused op
+          has no backward).
+        """
+        base = self.base
+        if not (_fused_lora_enabled() and isinstance(base, NF4Linear)):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if base.compute_dtype not in (None, x.dtype) or x.shape[-1] != self.in_features:
+            return False
+        if self.dropout_p > 0 and self.training:
+            return False
+        needs_grad = (x, self.lora_A, self.lora_B, base.bias)
+        return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in needs_grad)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unmerged forward with ``(x W^T + b, x A^T)`` from one pass over x, then exactly the unfused casts:
+        xa (float32) rounded to x's dtype, scaled, multiplied by B in x's dtype, added to the base output."""
+        bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        result, xa = nf4_lora_linear(x, self.base.nf4_weight(), bias, a)  # (..., out) in x.dtype, (..., r) float32
+        update = F.linear(xa.to(x.dtype) * self.scale, b)  # (..., r) -> (..., out)
         return result + update.to(result.dtype)
 
     @torch.no_grad()
