@@ -115,6 +115,27 @@ def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _split_range(split, total, BLOCK: tl.constexpr, SPLITS):
+    """[start, end) of split ``split`` of a reduction of length ``total``: whole BLOCK steps, the last split
+    possibly shorter (or empty: its program then writes zeros)."""
+    chunk = tl.cdiv(tl.cdiv(total, BLOCK), SPLITS) * BLOCK
+    start = split * chunk
+    return start, min(start + chunk, total)
+
+
+@triton.jit
+def _store_tile(ptr, acc, offs_m, offs_c, M, C, split, PARTIAL: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a float32 (BM, BC) tile of an (M, C) result: PARTIAL as is into ptr[split, M, C] (one partial sum per
+    split, reduced by the launcher), else rounded to ptr's dtype into ptr[M, C]."""
+    mask = (offs_m[:, None] < M) & (offs_c[None, :] < C)
+    offs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
+    if PARTIAL:
+        tl.store(ptr + split.to(tl.int64) * M * C + offs, acc, mask=mask)
+    else:
+        tl.store(ptr + offs, _cast(acc, ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, code_ptr, y_ptr,
     M, N, K, stride_xm, SPLIT_K,
@@ -136,10 +157,7 @@ def _forward_kernel(
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # This split's K range: whole BLOCK_K steps, the last split possibly shorter (or empty: writes zeros).
-    k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = split * k_chunk
-    k_end = min(k_start + k_chunk, K)
+    k_start, k_end = _split_range(split, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -161,17 +179,10 @@ def _forward_kernel(
                 # A comes in x's dtype (the launcher casts it): .to is a no-op, except under the interpreter,
                 # where x was widened to float32 above.
                 acc_xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=PRECISION)  # (BM, BK) @ (BK, BR)
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if PARTIAL:
-        tl.store(y_ptr + split.to(tl.int64) * M * N + y_offs, acc, mask=y_mask)
-    else:
-        tl.store(y_ptr + y_offs, _cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=y_mask)
+    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, split, PARTIAL, INTERPRET)
     if HAS_LORA:
-        if pid_n == 0:
-            xa_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-            xa_offs = split.to(tl.int64) * M * R + offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
-            tl.store(xa_ptr + xa_offs, acc_xa, mask=xa_mask)
+        if pid_n == 0:  # xa is always one float32 partial per split
+            _store_tile(xa_ptr, acc_xa, offs_m, offs_r, M, R, split, True, INTERPRET)
 
 
 @triton.jit
@@ -187,9 +198,7 @@ def _grad_x_kernel(
     pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
-    n_start = split * n_chunk
-    n_end = min(n_start + n_chunk, N)
+    n_start, n_end = _split_range(split, N, BLOCK_N, SPLIT_N)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -201,12 +210,7 @@ def _grad_x_kernel(
         if INTERPRET:  # as in _forward_kernel
             g, w = g.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(g, w, input_precision=PRECISION)  # (BM, BN) @ (BN, BK)
-    out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    out_offs = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + split.to(tl.int64) * M * K + out_offs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + out_offs, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+    _store_tile(out_ptr, acc, offs_m, offs_k, M, K, split, PARTIAL, INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
