@@ -14,7 +14,7 @@ One place for the rules that `inject`, `quantize` and `load_adapter` share:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 
 import torch.nn as nn
 
@@ -38,24 +38,29 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
-def _is_wrapped(name: str, wrapped_prefixes: Iterable[str]) -> bool:
-    return any(name.startswith(p) for p in wrapped_prefixes)
+def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` without the modules inside a LoRA wrapper (the wrapper stands for its base)."""
+    from .lora import LoRALinear  # local: lora.py imports this module
+
+    wrapped: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped += (name + ".",)
+        yield name, module
+
+
+def _names_entry(name: str, entry: str) -> bool:
+    """PEFT's rule for a list entry: the qualified name equals it or ends with ``"." + entry``."""
+    return name == entry or name.endswith("." + entry)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers of ``model`` (layers inside a LoRA wrapper count as the wrapper)."""
-    from .lora import LoRALinear  # local: lora.py imports this module
+    from .lora import LoRALinear
 
-    names, wrapped = [], []
-    for name, module in model.named_modules():
-        if _is_wrapped(name, wrapped):
-            continue
-        if isinstance(module, LoRALinear):
-            wrapped.append(name + ".")
-            names.append(name)
-        elif is_linear(module):
-            names.append(name)
-    return names
+    return [name for name, module in _outer_modules(model) if isinstance(module, LoRALinear) or is_linear(module)]
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -70,7 +75,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def _matcher(spec, what: str) -> Callable[[str, nn.Module], bool]:
-    if callable(spec) and not isinstance(spec, str):
+    if callable(spec):
         return lambda name, module: bool(spec(name, module))
     if isinstance(spec, str):
         try:
@@ -82,11 +87,11 @@ def _matcher(spec, what: str) -> Callable[[str, nn.Module], bool]:
         entries = list(spec)
         if not entries or not all(isinstance(t, str) and t for t in entries):
             raise ValueError(f"{what} must be a non-empty list of non-empty module names, got {spec!r}")
-        return lambda name, module: any(name == t or name.endswith("." + t) for t in entries)
+        return lambda name, module: any(_names_entry(name, t) for t in entries)
     raise TypeError(f"{what} must be a list of names, a regex string, a callable or 'all-linear', got {type(spec)}")
 
 
-def find_targets(model: nn.Module, targets, exclude=None, *, allow_head: bool = True) -> list[tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, targets, exclude=None) -> list[tuple[str, nn.Module]]:
     """Resolve ``targets`` / ``exclude`` to ``[(qualified_name, module)]`` in module order.
 
     Matches every module of the model (not only linear ones), so callers can reject matches of the wrong type
@@ -95,7 +100,7 @@ def find_targets(model: nn.Module, targets, exclude=None, *, allow_head: bool = 
 
     Raises:
         ValueError: nothing matched (the message lists the linear layers the model has), or a list entry
-            matched no module (a typo would otherwise be silently ignored).
+            matched no module (a typo would otherwise be silently ignored), or ``exclude="all-linear"``.
     """
     from .lora import LoRALinear
 
@@ -104,19 +109,17 @@ def find_targets(model: nn.Module, targets, exclude=None, *, allow_head: bool = 
         target_fn = lambda name, module: name not in heads and (is_linear(module) or isinstance(module, LoRALinear))  # noqa: E731
     else:
         target_fn = _matcher(targets, "targets")
+    if exclude == "all-linear":
+        raise ValueError("exclude='all-linear' would exclude every target; name the layers to leave out instead")
     exclude_fn = _matcher(exclude, "exclude") if exclude is not None else (lambda name, module: False)
-
-    found, wrapped = [], []
-    for name, module in model.named_modules():
-        if not name or _is_wrapped(name, wrapped):
-            continue
-        if isinstance(module, LoRALinear):
-            wrapped.append(name + ".")
-        if target_fn(name, module) and not exclude_fn(name, module):
-            found.append((name, module))
+    found = [
+        (name, module)
+        for name, module in _outer_modules(model)
+        if name and target_fn(name, module) and not exclude_fn(name, module)
+    ]
 
     if isinstance(targets, (list, tuple, set, frozenset)):
-        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in found)]
+        unmatched = [t for t in targets if not any(_names_entry(n, t) for n, _ in found)]
         if unmatched and found:
             raise ValueError(
                 f"targets {unmatched} matched no module of {type(model).__name__} (others did). "

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .inject import lora_layers
+from .lora import _ADAPTER_KEYS
 
-_ADAPTER_KEYS = ("lora_A", "lora_B")
 
 
 def _dtensor_type():

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ._match import find_targets, is_linear, linear_features
-from .lora import LoRALinear, _check_hyperparameters
+from .lora import _ADAPTER_KEYS, LoRALinear, _check_hyperparameters
+from .nf4_linear import NF4Linear
 
 
 def inject(
@@ -80,8 +81,19 @@ def inject(
     if shared:
         raise ValueError(f"target layers are shared by several parents (names: {shared}); cannot adapt one copy")
 
-    for name, module in found:
-        _set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, adapter_dtype=adapter_dtype))
+    # Build every wrapper before swapping any in: a failure while building (e.g. out of memory) leaves the model
+    # as it was. (Building freezes each base; that is undone below only for the bases of a failed build.)
+    grad_flags = [(p, p.requires_grad) for _, module in found for p in module.parameters()]
+    try:
+        wrappers = [
+            (name, LoRALinear(module, r, alpha, dropout, rslora, adapter_dtype=adapter_dtype)) for name, module in found
+        ]
+    except BaseException:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        raise
+    for name, wrapper in wrappers:
+        _set_submodule(model, name, wrapper)
     adapters = {id(p) for p in adapter_parameters(model)}
     for p in model.parameters():
         if id(p) not in adapters:
@@ -116,7 +128,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}" if name else key: getattr(layer, key).detach()
         for name, layer in lora_layers(model)
-        for key in ("lora_A", "lora_B")
+        for key in _ADAPTER_KEYS
     }
 
 
@@ -185,7 +197,7 @@ def summary(model: nn.Module) -> str:
     and their percentage, the number of adapted layers grouped by (type, r, alpha, scale, dropout), and the bytes
     held by frozen parameters and buffers (the number QLoRA shrinks; while merged it includes the extra copies).
     """
-    quantized = [m for m in model.modules() if getattr(type(m), "_lowrank_linear", False)]
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     quantized_params = {id(p) for m in quantized for p in m.parameters()}
     total = sum(_logical_numel(m) for m in quantized)
     trainable = frozen_bytes = 0

@@ -38,8 +38,9 @@ from safetensors.torch import load_file, save_file
 
 from ._match import is_linear, linear_features
 from .inject import eject, inject, lora_layers
-from .lora import LoRALinear
-from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config, scale
+from .lora import _ADAPTER_KEYS, LoRALinear, lora_scale
+from .nf4_linear import NF4Linear
+from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
@@ -81,6 +82,15 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_not_bare_layer(model: nn.Module) -> None:
+    # Keys are named after the adapted module ("base_model.model.<name>.lora_A.weight"): the root has no name.
+    if isinstance(model, LoRALinear):
+        raise ValueError(
+            "cannot save a bare LoRALinear: adapter files name each layer by its place in a model; save the model "
+            "that contains it"
+        )
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA adapters to ``path/adapter_model.safetensors`` and ``path/adapter_config.json``.
 
@@ -96,8 +106,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
         The directory.
 
     Raises:
-        ValueError: the model has no adapters, an adapter holds NaN/inf, or the layers mix rsLoRA and plain LoRA.
+        ValueError: the model has no adapters (or is a bare LoRALinear), an adapter holds NaN/inf, or the layers
+            mix rsLoRA and plain LoRA.
     """
+    _check_not_bare_layer(model)
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save (call lowrank.inject first)")
@@ -106,7 +118,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
     config = build_config(layers, base_model_name_or_path)
     tensors, bad = {}, []
     for name, layer in layers:
-        for part in ("lora_A", "lora_B"):
+        for part in _ADAPTER_KEYS:
             t = getattr(layer, part)
             if not torch.isfinite(t).all():
                 bad.append(f"{name}.{part}")
@@ -122,30 +134,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_o
     return directory
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    # NF4Linear, by its duck type (as LoRALinear recognises it): io.py need not import the NF4 machinery.
-    return getattr(type(module), "_lowrank_linear", False) and callable(getattr(module, "dequantize_weight", None))
-
-
-def _dense_dtype(module: nn.Module) -> torch.dtype:
-    """Dtype of the dense weight written for a base: its own, or for NF4 the compute dtype (else the original)."""
-    if _is_quantized(module):
-        return module.compute_dtype or module.dtype
-    return module.weight.dtype
-
-
-def _merged_weight(layer: LoRALinear) -> torch.Tensor:
-    """W0 + scale * B @ A in the base's layout, summed in float32 (float64 if wider) and rounded once."""
-    dtype = _dense_dtype(layer.base)
-    wide = torch.promote_types(torch.promote_types(torch.float32, layer.lora_A.dtype), dtype)
-    # dense_base_weight is W0 (out, in) whatever the merge state: a merged layer keeps its original weight aside.
-    weight = (layer.dense_base_weight(wide) + layer.delta_weight(wide)).to(dtype)
-    return weight.T if layer.fan_in_fan_out or _from_conv1d(layer.base) else weight  # Conv1D stores (in, out)
-
-
 def _from_conv1d(module: nn.Module) -> bool:
     """An NF4 layer quantized from a HF Conv1D: its dense export goes back to the (in, out) layout."""
-    return _is_quantized(module) and getattr(module, "from_conv1d", False)
+    return isinstance(module, NF4Linear) and module.from_conv1d
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -168,17 +159,22 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     Returns:
         The file written.
     """
+    _check_not_bare_layer(model)
     dest = Path(path)
     if dest.is_dir():
         dest = dest / MERGED_NAME
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     with torch.no_grad():
+        # Each dense weight goes to the CPU as soon as it is built: a 4-bit model must not need its whole dense
+        # size on the accelerator to be exported.
         for name, layer in lora_layers(model):
-            dense[name] = (_merged_weight(layer), layer.base.bias)
+            weight = layer.merged_weight().cpu()  # (out, in)
+            conv1d_layout = layer.fan_in_fan_out or _from_conv1d(layer.base)  # Conv1D stores (in, out)
+            dense[name] = (weight.T if conv1d_layout else weight, layer.base.bias)
         wrapped = tuple(name + "." for name in dense)
         for name, module in model.named_modules():
-            if _is_quantized(module) and not name.startswith(wrapped):
-                weight = module.dequantize_weight(_dense_dtype(module))
+            if isinstance(module, NF4Linear) and not name.startswith(wrapped):
+                weight = module.dequantize_weight(module.dense_dtype).cpu()
                 dense[name] = (weight.T if _from_conv1d(module) else weight, module.bias)
     prefixes = tuple(name + "." for name in dense)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
@@ -223,7 +219,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
         )
     if not pairs:
         raise ValueError(f"{file} holds no LoRA tensors")
-    missing = [f"{name}.{part}" for name, p in pairs.items() for part in ("lora_A", "lora_B") if part not in p]
+    missing = [f"{name}.{part}" for name, p in pairs.items() for part in _ADAPTER_KEYS if part not in p]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing} (each adapted module needs both lora_A and lora_B)")
     for name, p in pairs.items():
@@ -274,7 +270,7 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
                 f"({out_features}, {r})"
             )
         if isinstance(module, LoRALinear):
-            want, have = scale(alpha, r, cfg["use_rslora"]), module.scale
+            want, have = lora_scale(alpha, r, cfg["use_rslora"]), module.scale
             if module.r != r or not math.isclose(want, have, rel_tol=1e-6):
                 raise ValueError(
                     f"{name} already has an adapter with r={module.r}, scale={have:g}; {where} has r={r}, "

@@ -19,6 +19,7 @@ for bit on the CPU reference path, up to float32 summation order in the Triton k
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -38,6 +39,11 @@ def _fused_lora_enabled() -> bool:
     take the one-pass route. Off by default: the route has no GPU measurement yet (benchmarks/bench_nf4.py,
     entry lora_decode, times it at decode sizes); a GPU session will measure it and may switch the default."""
     return os.environ.get("LOWRANK_FUSED_LORA", "") == "1"
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    """The adapter's multiplier: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT's ``use_rslora``)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def _check_hyperparameters(r, alpha, dropout, adapter_dtype) -> None:
@@ -106,7 +112,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear_features(base)
         self.fan_in_fan_out = is_conv1d(base)
         self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
-        self.scale = self.alpha / (math.sqrt(r) if rslora else r)
+        self.scale = lora_scale(self.alpha, r, self.rslora)
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
 
@@ -143,7 +149,7 @@ class LoRALinear(nn.Module):
 
     @property
     def _quantized(self) -> bool:
-        return callable(getattr(self.base, "dequantize_weight", None))
+        return isinstance(self.base, NF4Linear)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The update ``scale * B @ A`` of shape (out_features, in_features), differentiable.
@@ -164,6 +170,16 @@ class LoRALinear(nn.Module):
         w = self._original_weight if self.merged else self.base.weight
         w = w.T if self.fan_in_fan_out else w
         return w if dtype is None else w.to(dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W0 + scale * B @ A`` as a dense (out_features, in_features) tensor, whatever the merge state.
+
+        Summed in float32 (or wider if the base or adapter is) and rounded once to the base's dtype (NF4: its
+        ``dense_dtype``, the compute dtype else the original). What `merge` folds in and ``save_merged`` writes.
+        """
+        dtype = self.base.dense_dtype if self._quantized else self.dense_base_weight().dtype
+        wide = torch.promote_types(torch.promote_types(torch.float32, self.lora_A.dtype), dtype)
+        return (self.dense_base_weight(wide) + self.delta_weight(wide)).to(dtype)
 
     def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + b`` with W given as (out, in) or, for Conv1D, in the base's (in, out) layout."""
@@ -214,7 +230,7 @@ class LoRALinear(nn.Module):
           has no backward).
         """
         base = self.base
-        if not (_fused_lora_enabled() and isinstance(base, NF4Linear)):
+        if not (isinstance(base, NF4Linear) and _fused_lora_enabled()):  # the type first: no env read for dense bases
             return False
         if base._forward_hooks or base._forward_pre_hooks:
             return False
@@ -255,18 +271,13 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        merged = self.merged_weight()  # (out, in)
         if self._quantized:
-            dtype = getattr(self.base, "compute_dtype", None) or getattr(self.base, "dtype", None) or torch.float32
-            wide = torch.promote_types(torch.float32, self.lora_A.dtype)
-            merged = self.base.dequantize_weight(wide) + self.delta_weight(wide)
-            self._merged_weight = merged.to(dtype)
+            self._merged_weight = merged
         else:
-            w = self.base.weight
-            wide = torch.promote_types(torch.promote_types(torch.float32, self.lora_A.dtype), w.dtype)
-            delta = self.delta_weight(wide)
-            delta = delta.T if self.fan_in_fan_out else delta  # Conv1D stores (in, out)
-            self.__dict__["_original_weight"] = w
-            self.base.weight = nn.Parameter((w.to(wide) + delta).to(w.dtype), requires_grad=False)
+            self.__dict__["_original_weight"] = self.base.weight
+            merged = merged.T.contiguous() if self.fan_in_fan_out else merged  # Conv1D stores (in, out)
+            self.base.weight = nn.Parameter(merged, requires_grad=False)
         self.merged = True
 
     @torch.no_grad()
@@ -277,14 +288,20 @@ class LoRALinear(nn.Module):
         if self._quantized:
             self._merged_weight = None
         else:
-            original, current = self._original_weight, self.base.weight
-            if (original.device, original.dtype) != (current.device, current.dtype):
-                # The model was moved or cast while merged: the original follows (a cast rounds it, as it would
-                # have rounded the unmerged model).
-                original.data = original.data.to(device=current.device, dtype=current.dtype)
-            self.base.weight = original
+            self.base.weight = self._original_weight  # it followed any .to() since merge: see `_apply`
             self.__dict__["_original_weight"] = None
         self.merged = False
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (behind .to(), .cuda(), .half(), ...), plus the original weight set aside while
+        merged: it is registered nowhere, so the model being moved or cast while merged must move or cast it too
+        (a cast rounds it, as it would have rounded the unmerged model). A weight tied to another module was
+        already converted there; converting it again is a no-op."""
+        super()._apply(fn, recurse)
+        original = self._original_weight
+        if original is not None:
+            original.data = fn(original.data)
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -303,7 +320,9 @@ def _state_dict_post_hook(module: LoRALinear, state_dict, prefix: str, local_met
     """``<prefix>base.<rest>`` -> ``<prefix><rest>``, base keys first, then lora_A, lora_B (original order)."""
     base_prefix = prefix + "base."
     # This layer's keys are the last ones written (own params, then the base's subtree): pop and re-insert them.
-    ours = [k for k in state_dict if k.startswith(prefix)]
+    # Walk back from the end only as far as they go: a scan of the whole dict per layer would make state_dict()
+    # quadratic in the number of adapted layers.
+    ours = list(itertools.takewhile(lambda k: k.startswith(prefix), reversed(state_dict)))[::-1]
     items = {k: state_dict.pop(k) for k in ours}
     for key, value in items.items():
         if key.startswith(base_prefix):

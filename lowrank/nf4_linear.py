@@ -147,6 +147,11 @@ class NF4Linear(nn.Module):
             return NF4Tensor(shape, self.dtype, self.block_size, packed, None, self.weight_absmax, absmax2, offset)
         return NF4Tensor(shape, self.dtype, self.block_size, packed, absmax=self.weight_absmax.view(torch.float32))
 
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype of this layer as a dense weight (merge, merged export): ``compute_dtype``, else the original."""
+        return self.compute_dtype or self.dtype
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W (out_features, in_features): dequantized in the original dtype, then cast to ``dtype`` if given.
 

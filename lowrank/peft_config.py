@@ -56,10 +56,6 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 

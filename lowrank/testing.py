@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .inject import _set_submodule, adapter_parameters, lora_layers
 from .lora import LoRALinear
 
 __all__ = ["DenseComparison", "LayerDeviation", "assert_matches_dense", "compare_with_dense", "dense_equivalent"]
@@ -40,9 +41,8 @@ DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, 
 def _replace(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> nn.Module:
     if isinstance(model, LoRALinear):
         return make(model)
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, make(layer))
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, make(layer))
     return model
 
 
@@ -182,8 +182,7 @@ def _compute_dtype(model: nn.Module, inputs) -> torch.dtype:
     for value in flat:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.dtype
-    adapters = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)}
-    adapters |= {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
+    adapters = {id(p) for p in adapter_parameters(model)}
     for p in model.parameters():
         if p.is_floating_point() and id(p) not in adapters:
             return p.dtype
@@ -214,7 +213,7 @@ def compare_with_dense(
     Returns:
         A `DenseComparison`. Gradients are not compared while any layer is merged (a note says so).
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRALinear layers to compare")
     compute_dtype = _compute_dtype(model, inputs)

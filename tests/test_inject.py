@@ -261,3 +261,33 @@ def test_shared_layer_is_an_error():
     with pytest.raises(ValueError, match="shared by several parents"):
         lowrank.inject(model, ["q_proj"])
     assert_unchanged(model, snap)
+
+
+def test_exclude_all_linear_is_refused():
+    model = Toy()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="exclude='all-linear'"):
+        lowrank.inject(model, "all-linear", exclude="all-linear")
+    assert_unchanged(model, snap)
+
+
+def test_failure_while_building_wrappers_leaves_the_model_unchanged(monkeypatch):
+    """inject builds every wrapper before swapping any in: a failure on the third (e.g. out of memory) must leave
+    no layer wrapped and every requires_grad flag as it was (building a wrapper freezes its base)."""
+    model = Toy()
+    model.layers[1].q_proj.weight.requires_grad_(False)  # a mixed starting state, to see it restored exactly
+    snap = snapshot(model)
+    built = []
+    original_init = LoRALinear.__init__
+
+    def flaky_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+        if len(built) == 3:
+            raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(LoRALinear, "__init__", flaky_init)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        lowrank.inject(model, ["q_proj", "v_proj"])
+    assert len(built) == 3 and names(model) == []
+    assert_unchanged(model, snap)

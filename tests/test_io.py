@@ -364,7 +364,7 @@ def test_load_into_nf4_model(tmp_path, base, x):
 
 
 
-@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16, torch.float64])
 def test_save_merged_nf4(tmp_path, base, x, compute_dtype):
     qmodel = lowrank.quantize(copy.deepcopy(base), compute_dtype=compute_dtype)
     weights = nf4_weights(qmodel)
@@ -383,6 +383,8 @@ def test_save_merged_nf4(tmp_path, base, x, compute_dtype):
         assert got.dtype == dtype and got.shape == w.shape
         if dtype == torch.float32:  # float32 sum of the exact dequantized weight and the delta: a few ulps
             torch.testing.assert_close(got.double(), w, rtol=0, atol=5e-7)
+        elif dtype == torch.float64:  # summed in float64 (the export widens to the base's dtype): ~1e-16 relative
+            torch.testing.assert_close(got, w, rtol=0, atol=1e-12)
         else:  # bf16: one rounding of the float32 sum, at most 1 ulp = 2^-7 relative
             torch.testing.assert_close(got.float(), w.float(), rtol=2**-7, atol=0)
         if bias is not None:

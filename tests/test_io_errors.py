@@ -197,3 +197,13 @@ def test_bad_adapter_leaves_nf4_model_unchanged(tmp_path, base):
     with pytest.raises(ValueError, match=re.escape("blocks.0.up has lora_A (4, 11)")):
         lowrank.load_adapter(qmodel, tmp_path)
     assert_unchanged(qmodel, snap)
+
+
+def test_bare_lora_layer_is_refused_by_both_writers(tmp_path):
+    """Adapter keys name each layer by its place in a model; a bare LoRALinear has none (its key would be
+    'base_model.model..lora_A.weight', which no loader accepts). Nothing is written."""
+    layer = lowrank.LoRALinear(torch.nn.Linear(6, 4), r=2)
+    for save in (lowrank.save_adapter, lowrank.save_merged):
+        with pytest.raises(ValueError, match="bare LoRALinear"):
+            save(layer, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+import lowrank
 from lowrank import LoRALinear
 
 # (in_features, out_features, rows): M = 1, sizes that are not powers of two, one wider layer.
@@ -335,3 +336,50 @@ def test_nf4_base_state_dict_merge_and_disable():
     assert all(torch.equal(now[k], v) for k, v in packed.items())
     layer.unmerge()
     assert layer._merged_weight is None and torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cast_while_merged_carries_the_original_weight_along(kind):
+    """model.to(dtype) while merged: the set-aside original follows (LoRALinear._apply), so disabling, the state
+    dict and unmerge all give the base cast to the new dtype, exactly as if the unmerged model had been cast."""
+    reference = adapted(kind, 12, 9, torch.float32).eval()
+    layer = adapted(kind, 12, 9, torch.float32).eval()
+    layer.load_state_dict(reference.state_dict())
+    reference.to(torch.float64)
+    layer.merge()
+    layer.to(torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64
+    layer.enabled = False
+    assert torch.equal(layer(x), reference.base(x))  # merged + disabled: the original, cast once
+    layer.enabled = True
+    sd, ref_sd = layer.state_dict(), reference.state_dict()
+    assert all(sd[k].dtype == torch.float64 and torch.equal(sd[k], ref_sd[k]) for k in ref_sd)
+    layer.unmerge()
+    assert torch.equal(layer(x), reference(x))
+    assert torch.equal(layer.base.weight, reference.base.weight)
+
+
+def test_state_dict_of_many_layers_keeps_per_layer_key_order():
+    """The state-dict hook only touches each layer's own trailing keys: with many adapted layers the keys are
+    the plain model's, in the plain model's order, each followed by that layer's lora_A, lora_B."""
+    plain = nn.Sequential(*[nn.Linear(4, 4, bias=i % 2 == 0) for i in range(30)])
+    expected = []
+    for i, layer in enumerate(plain):
+        expected += [f"{i}.weight"] + ([f"{i}.bias"] if layer.bias is not None else []) + [f"{i}.lora_A", f"{i}.lora_B"]
+    lowrank.inject(plain, "all-linear", r=2)
+    assert list(plain.state_dict()) == expected
+
+
+def test_nf4_merge_sums_in_the_compute_dtype_when_it_is_wider():
+    """An NF4 layer computing in float64 merges in float64 (W0 and the delta summed wide, then rounded once to
+    the compute dtype), the same rule as a dense base and as save_merged: within 1e-12 of the float64 sum."""
+    from lowrank import NF4Linear
+
+    base = NF4Linear.from_linear(nn.Linear(64, 24), compute_dtype=torch.float64)
+    layer = LoRALinear(base, r=4, alpha=8.0).eval()
+    nn.init.normal_(layer.lora_B, std=0.1)
+    expected = base.dequantize_weight(torch.float64) + layer.delta_weight(torch.float64)
+    layer.merge()
+    assert layer._merged_weight.dtype == torch.float64
+    torch.testing.assert_close(layer._merged_weight, expected, rtol=0, atol=1e-12)
