@@ -29,12 +29,12 @@ from lowrank import nf4 as _nf4
 # ------------------------------------------------------------------------------------------------- reference
 
 
-def reference_dequantize(w: _nf4.NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The torch reference (``lowrank.nf4.dequantize``): the one definition the kernel is tested against."""
-    return _nf4.dequantize(w, dtype)
+# ``lowrank.nf4.dequantize``: the one definition of the math, and what the kernel is tested against bit for bit.
 
 
 # ------------------------------------------------------------------------------------------------- kernels
+
+_NESTED = tl.constexpr(_nf4.NESTED_BLOCK_SIZE)  # absmax entries per nested float32 scale (256)
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _block_absmax(block, mask, absmax_ptr, absmax2_ptr, dmap_ptr, offset_ptr, DO
     """
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
+        scale2 = tl.load(absmax2_ptr + block // _NESTED, mask=mask, other=0.0)
         offset = tl.load(offset_ptr)
         absmax = tl.load(dmap_ptr + q) * scale2 + offset
         return tl.where(mask, absmax, 0.0)
@@ -161,8 +161,6 @@ def _weight_args(w: _nf4.NF4Tensor) -> tuple[torch.Tensor, ...]:
             f"NF4 packed data must be contiguous uint8 of {(w.numel + 1) // 2} bytes for shape {tuple(w.shape)}, "
             f"got {w.packed.dtype} {tuple(w.packed.shape)}"
         )
-    if w.block_size % 2 or w.block_size < 2:
-        raise ValueError(f"NF4 block_size must be even, got {w.block_size}")
     if w.double_quant:
         stored = {"absmax_q": (w.absmax_q, torch.uint8), "absmax2": (w.absmax2, torch.float32)}
         stored["offset"] = (w.offset, torch.float32)
@@ -181,7 +179,7 @@ def dequantize(w: _nf4.NF4Tensor, dtype: torch.dtype | None = None, *, bytes_per
     """Dequantize an NF4 weight on its device with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
 
     ``out[i] = to_dtype(fp32(NF4_CODE[code[i]] * absmax[i // block_size]))``, bit-exact with
-    ``lowrank.nf4.dequantize`` (except that the CPU interpreter truncates fp32 -> bf16 instead of rounding).
+    ``lowrank.nf4.dequantize``, also under the CPU interpreter (``_cast`` rounds there explicitly).
 
     Args:
         w: the NF4 weight (any shape, any element count).

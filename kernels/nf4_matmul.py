@@ -39,25 +39,14 @@ from .nf4_dequant import LAUNCH_OPTIONS, _block_absmax, _cast, _decode, _weight_
 # ------------------------------------------------------------------------------------------------- reference
 
 
-def _rounding_dtype(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype W's float32 values are rounded to first: its original dtype when that is 16-bit (then cast to
-    ``dtype``, as the layer would compute with its bf16/fp16 weight), else ``dtype`` directly (one rounding)."""
-    return w.dtype if w.dtype in (torch.bfloat16, torch.float16) else dtype
-
-
 def reference_weight(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) in ``dtype`` as every path here uses it: rounded to ``_rounding_dtype``, then cast."""
-    return _nf4.dequantize(w, _rounding_dtype(w, dtype)).to(dtype)
+    """W (N, K) in ``dtype`` as every path here uses it: rounded to ``lowrank.nf4.rounding_dtype``, then cast."""
+    return _nf4.dequantize(w, _nf4.rounding_dtype(w, dtype)).to(dtype)
 
 
 def reference_matmul(x: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Tensor:
     """``x @ W^T`` in x's dtype: (M, K) @ (K, N) -> (M, N), the torch reference."""
     return x @ reference_weight(w, x.dtype).T
-
-
-def reference_matmul_grad_x(grad_y: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Tensor:
-    """``grad_y @ W``: (M, N) @ (N, K) -> (M, K), the torch reference."""
-    return grad_y @ reference_weight(w, grad_y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
@@ -218,8 +207,8 @@ def _grad_x_kernel(
 SMALL_M = 16  # M <= SMALL_M: split-K kernel (one 16-row tile: the smallest tl.dot tile on NVIDIA tensor cores)
 LARGE_M_METHOD = os.environ.get("LOWRANK_NF4_LARGE_M", "dequant")
 _METHODS = ("auto", "fused", "dequant")
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_DTYPES = tuple(_TL_DTYPES)
 
 
 def _config(block_m, block_n, block_k, warps, stages, group_m=8):
@@ -273,7 +262,7 @@ def _split(m: int, out_cols: int, red: int, device: torch.device) -> int:
 
 def _dequantize_as(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``reference_weight`` through the Triton dequantize kernel (the "dequant" route)."""
-    return dequantize(w, _rounding_dtype(w, dtype)).to(dtype)
+    return dequantize(w, _nf4.rounding_dtype(w, dtype)).to(dtype)
 
 
 def _check(x: torch.Tensor, w: _nf4.NF4Tensor, red: int, name: str) -> None:
@@ -323,7 +312,7 @@ def _launch(kernels, out_block, x2, w, out_cols, split, config, lora=None):
         "PARTIAL": partial,
         # float32 operands: IEEE float32 products (torch.matmul does not use tf32 by default either).
         "PRECISION": "ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
-        "W_DTYPE": _TL_DTYPES[_rounding_dtype(w, x2.dtype)],
+        "W_DTYPE": _TL_DTYPES[_nf4.rounding_dtype(w, x2.dtype)],
         "GROUPED": k % w.block_size == 0,  # rows start on block boundaries: one absmax per (row, block)
         "LOOKUP": _dequant.LOOKUP,
         "INTERPRET": interpreting(),

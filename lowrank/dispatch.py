@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Tensor
+from .nf4 import NF4Tensor, rounding_dtype
 from .nf4 import dequantize as _reference_dequantize
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -49,15 +49,11 @@ def _kernels():
     return nf4_dequant, nf4_matmul, nf4_lora
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this call: a CUDA tensor of a kernel dtype, and not forced to the reference."""
-    return x.is_cuda and x.dtype in _KERNEL_DTYPES and not _reference_forced() and _kernels() is not None
-
-
-def _rounding_dtype(weight: NF4Tensor, dtype: torch.dtype) -> torch.dtype:
-    """W is rounded to its original dtype first when that is 16-bit (the layer computes with its bf16/fp16
-    weight), else straight to ``dtype`` (a float32/float64 original: one rounding, same result)."""
-    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else dtype
+def _use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the Triton kernels serve this call: a CUDA tensor computing in a kernel dtype (default its own),
+    and not forced to the reference."""
+    dtype = x.dtype if dtype is None else dtype
+    return x.is_cuda and dtype in _KERNEL_DTYPES and not _reference_forced() and _kernels() is not None
 
 
 def dequantize(weight: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -66,18 +62,18 @@ def dequantize(weight: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     ``W = to(dtype)(to(rounding dtype)(NF4_CODE[code] * absmax))``; bit-identical on both paths.
     """
     dtype = weight.dtype if dtype is None else dtype
-    rounding = _rounding_dtype(weight, dtype)
-    if weight.packed.is_cuda and rounding in _KERNEL_DTYPES and not _reference_forced() and _kernels() is not None:
+    rounding = rounding_dtype(weight, dtype)
+    if _use_triton(weight.packed, rounding):
         return _kernels()[0].dequantize(weight, rounding).to(dtype)
     return _reference_dequantize(weight, rounding).to(dtype)
 
 
 def _matmul_dequant(x: torch.Tensor, weight: NF4Tensor, transpose: bool) -> torch.Tensor:
-    """Reference: ``x @ W^T`` (forward, x: (M, in)) or ``x @ W`` (backward, x: (M, out)), W in x.dtype.
+    """``x @ W^T`` (forward, x: (M, in)) or ``x @ W`` (backward, x: (M, out)), W dequantized in x.dtype.
 
     The dequantized W is a temporary freed on return: it costs one (out, in) buffer per layer at a time.
     """
-    w = _reference_dequantize(weight, _rounding_dtype(weight, x.dtype)).to(x.dtype)  # (out, in)
+    w = dequantize(weight, x.dtype)  # (out, in)
     return x @ w.t() if transpose else x @ w
 
 
@@ -123,7 +119,9 @@ def _backward(ctx, grad):
     n, k, block_size, weight_dtype, transpose = ctx.meta
     grad_x = None
     if ctx.needs_input_grad[0]:  # d(x @ W^T)/dx = grad @ W and d(x @ W)/dx = grad @ W^T: the same op, flipped
-        grad_x = _nf4_matmul(grad.contiguous(), *ctx.saved_tensors, n, k, block_size, weight_dtype, not transpose)
+        # grad may have any strides (expanded, from .sum()): the reference matmul takes them as they are and the
+        # kernels' launcher copies only when the last stride is not 1.
+        grad_x = _nf4_matmul(grad, *ctx.saved_tensors, n, k, block_size, weight_dtype, not transpose)
     return (grad_x,) + (None,) * 9
 
 

@@ -71,6 +71,7 @@ def _dynamic_map() -> torch.Tensor:
 DYNAMIC_MAP = _dynamic_map()
 # Decision boundaries: a scaled value goes to the number of midpoints it is strictly greater than, so a value
 # exactly on a midpoint takes the lower code (torch.bucketize with right=False). Midpoints in float32.
+_DYNAMIC_ZERO_CODE = int((DYNAMIC_MAP == 0).nonzero()[0])  # 127: where an all-zero block's scale lands
 _NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 _DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
 # byte -> its two values (high nibble first): one gather decodes a byte, no shifts or masks on the hot path. The
@@ -105,8 +106,13 @@ def check_weight(weight: torch.Tensor, name: str = "weight", finite: bool = True
         _raise_non_finite(weight, name)
 
 
-def _raise_non_finite(weight: torch.Tensor, name: str):
+def _raise_non_finite(weight: torch.Tensor, name: str, as_float32: torch.Tensor | None = None):
+    """Name the bad values: NaN/inf in ``weight``, or (``as_float32``: its float32 copy) finite float64 values
+    beyond the float32 range, which overflow when the quantizer converts them."""
     bad = int((~torch.isfinite(weight)).sum())
+    if bad == 0 and as_float32 is not None:
+        over = int((~torch.isfinite(as_float32)).sum())
+        raise ValueError(f"{name} holds {over} value(s) beyond the float32 range (|x| > 3.4e38): NF4 scales are float32")
     raise ValueError(f"{name} holds {bad} NaN/inf value(s): NF4 blocks containing them would be meaningless")
 
 
@@ -126,7 +132,7 @@ class NF4Tensor:
     def __init__(self, shape, dtype, block_size, packed, absmax=None, absmax_q=None, absmax2=None, offset=None):
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self.block_size = int(block_size)
+        self.block_size = check_block_size(int(block_size))  # every consumer (torch and Triton) relies on it
         self.double_quant = absmax_q is not None
         self.packed = packed
         self.absmax = absmax
@@ -279,12 +285,36 @@ def quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool = Tr
         n = flat.numel()
         codes, absmax = quantize_blockwise(flat, _NF4_MIDPOINTS, block_size)
         if flat.device.type != "meta" and not bool(torch.isfinite(absmax).all()):
-            _raise_non_finite(weight, "weight")
+            _raise_non_finite(weight, "weight", flat)
         packed = _codes_to_bytes(codes, n)
         if not double_quant:
             return NF4Tensor(weight.shape, weight.dtype, block_size, packed, absmax=absmax)
         absmax_q, absmax2, offset = quantize_absmax(absmax)
         return NF4Tensor(weight.shape, weight.dtype, block_size, packed, None, absmax_q, absmax2, offset)
+
+
+def zeros(shape, dtype: torch.dtype, block_size: int = 64, double_quant: bool = True, device=None) -> NF4Tensor:
+    """The NF4Tensor of an all-zero weight, built directly (the bytes ``quantize(torch.zeros(shape))`` gives:
+    packed 0x77, absmax 0; double quantization: codes of 0.0 in the dynamic map, absmax2 0, offset 0)."""
+    check_block_size(block_size)
+    shape = torch.Size(shape)
+    n = shape.numel()
+    n_blocks = -(-n // block_size)
+    packed = torch.full(((n + 1) // 2,), 0x77, dtype=torch.uint8, device=device)
+    absmax = torch.zeros(n_blocks, dtype=torch.float32, device=device)
+    if not double_quant:
+        return NF4Tensor(shape, dtype, block_size, packed, absmax=absmax)
+    absmax_q = torch.full((n_blocks,), _DYNAMIC_ZERO_CODE, dtype=torch.uint8, device=device)
+    absmax2 = torch.zeros(-(-n_blocks // NESTED_BLOCK_SIZE), dtype=torch.float32, device=device)
+    offset = torch.zeros((), dtype=torch.float32, device=device)
+    return NF4Tensor(shape, dtype, block_size, packed, None, absmax_q, absmax2, offset)
+
+
+def rounding_dtype(nf4: NF4Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype W is rounded to before it is used in ``dtype``: its original dtype when that is 16-bit (the layer
+    computes with its bf16/fp16 weight, as bitsandbytes does), else ``dtype`` directly (a float32/float64
+    original: one rounding, the same result). Every NF4 matmul path (torch and Triton) follows this rule."""
+    return nf4.dtype if nf4.dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def dequantize_absmax(nf4: NF4Tensor) -> torch.Tensor:

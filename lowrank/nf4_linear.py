@@ -90,8 +90,7 @@ class NF4Linear(nn.Module):
         # True when quantized from a HF Conv1D: the NF4 weight is stored (out, in) like nn.Linear's, and exports
         # of dense weights (lowrank.save_merged) transpose back to Conv1D's (in, out) layout.
         self.from_conv1d = False
-        zeros = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
-        self._store(_nf4.quantize(zeros, block_size, double_quant))
+        self._store(_nf4.zeros((out_features, in_features), dtype, block_size, double_quant, device))
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def _store(self, q: NF4Tensor) -> None:
@@ -125,12 +124,9 @@ class NF4Linear(nn.Module):
         if is_conv1d(linear):
             weight = weight.t()
         out_features, in_features = weight.shape
-        q = _nf4.quantize(weight, block_size, double_quant)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = int(in_features), int(out_features)
-        layer.block_size, layer.double_quant = block_size, bool(double_quant)
-        layer.compute_dtype, layer.dtype = compute_dtype, weight.dtype
+        q = _nf4.quantize(weight, block_size, double_quant)  # validates before anything is built
+        layer = cls(in_features, out_features, False, block_size, double_quant, compute_dtype, weight.dtype,
+                    weight.device)  # fmt: skip
         layer.from_conv1d = is_conv1d(linear)
         layer._store(q)
         bias = linear.bias

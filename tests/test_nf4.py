@@ -239,6 +239,45 @@ def test_bad_weights():
         with pytest.raises(ValueError, match="1 NaN/inf"):
             quantize(w)
 
+    w = torch.randn(4, 64, dtype=torch.float64)
+    w[1, 3], w[3, 0] = 1e39, -2e39  # finite in float64, infinite once converted to float32
+    with pytest.raises(ValueError, match=r"2 value\(s\) beyond the float32 range"):
+        quantize(w)
+
+
+@pytest.mark.parametrize("block", [96, 16])
+def test_nf4tensor_rejects_a_block_size_the_format_does_not_allow(block):
+    """Checked where an NF4Tensor is made, so a hand-built tensor cannot reach a kernel that needs powers of two."""
+    q = quantize(torch.randn(2, 96), 32, double_quant=False)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        NF4Tensor(q.shape, q.dtype, block, q.packed, absmax=q.absmax)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(("shape", "block"), [((5, 70), 64), ((3, 600), 32), ((1,), 64), ((257 * 64 + 1,), 64)])
+def test_zeros_are_the_bytes_of_quantizing_zeros(shape, block, double_quant):
+    """nf4.zeros builds the all-zero weight directly; it must equal quantize(torch.zeros(shape)) field by field
+    (the spec: code 7 = 0.0, padding nibble 7, absmax 0; double quant: offset 0, the dynamic map's 0.0, scale 0).
+    (257 * 64 + 1,) spans two nested blocks of 256 scales plus a partial block."""
+    got = nf4.zeros(shape, torch.bfloat16, block, double_quant)
+    want = quantize(torch.zeros(shape, dtype=torch.bfloat16), block, double_quant)
+    assert (got.shape, got.dtype, got.block_size, got.double_quant) == (want.shape, want.dtype, block, double_quant)
+    for name in ("packed", "absmax", "absmax_q", "absmax2", "offset"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)), name
+    assert DYNAMIC_MAP[int(got.absmax_q[0])] == 0.0 if double_quant else got.absmax_q is None
+
+
+def test_rounding_dtype_rounds_16_bit_originals_first():
+    """A bf16/fp16 original is rounded to itself before any cast (the layer computes with its 16-bit weight);
+    float32/float64 originals go straight to the requested dtype."""
+    for original in (torch.bfloat16, torch.float16):
+        q = quantize(torch.randn(64).to(original))
+        assert all(nf4.rounding_dtype(q, d) == original for d in (torch.float32, torch.float64, torch.float16))
+    for original in (torch.float32, torch.float64):
+        q = quantize(torch.randn(64, dtype=original))
+        assert all(nf4.rounding_dtype(q, d) == d for d in (torch.bfloat16, torch.float32, torch.float64))
+
 
 def test_code_lookup_equals_bucketize_everywhere():
     # The table lookup must be exact: dense grid, random values, every midpoint and table-bin edge +- 2 ulps.
