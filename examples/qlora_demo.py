@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning of a real pretrained LLM, offline, in one command (about 5 minutes on a 2-core CPU).
+"""QLoRA fine-tuning of a real pretrained LLM, offline, in one command (about 3.5 minutes on a 2-core CPU).
 
     bash scripts/setup.sh examples && .venv/bin/python examples/qlora_demo.py
     python examples/qlora_demo.py --method lora                  # LoRA on the float model, no 4-bit base

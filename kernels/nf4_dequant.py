@@ -8,7 +8,7 @@ round-to-nearest-even cast, and the absmax decode is two separate float32 roundi
 followed by an add into one FMA (a single rounding) unless told not to, so every launch here passes
 ``enable_fp_fusion=False``.
 
-Byte layout (``/work/shared/NF4_FORMAT.md``): blocks run over the flat row-major tensor, byte j holds codes
+Byte layout (``docs/NF4_FORMAT.md``): blocks run over the flat row-major tensor, byte j holds codes
 2j (high nibble) and 2j + 1 (low nibble). Block sizes are even, so both codes of a byte share one block: the
 kernel works per byte and computes the block from the byte index, whatever the tensor's shape.
 

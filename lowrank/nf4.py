@@ -1,6 +1,6 @@
 """The NF4 format (4-bit NormalFloat, QLoRA) laid out byte for byte as bitsandbytes stores it, and its torch math.
 
-Format (the source of truth is ``NF4_FORMAT.md``; summary):
+Format (the source of truth is ``docs/NF4_FORMAT.md``; summary):
 
 * a weight is flattened row-major into blocks of ``block_size`` consecutive elements (the last may be partial);
 * each block keeps ``absmax = max |x|`` (float32) and one 4-bit code per element: the index of the code-book

