@@ -7,7 +7,7 @@ For each kernel and tile config: registers per thread, spill bytes, stack frame 
 the ptxas that ships with Triton) and a count of the SASS instructions that matter (from its nvdisasm): global
 loads (LDG), shared loads (LDS), shuffles (SHFL), tensor-core ops (HMMA / HGMMA), conversions (F2F / F2FP).
 A config over the shared-memory limit (227 KB per block on sm_90) or with spills is a bad candidate before any
-timing: prune it from the autotune list. This is METHOD.md's "read what costs no device time".
+timing: prune it from the autotune list. Compiling costs no GPU time, so it comes before any session on a lent GPU.
 """
 
 from __future__ import annotations
