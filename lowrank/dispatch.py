@@ -160,11 +160,9 @@ def _op_args(x: torch.Tensor, weight: NF4Tensor, name: str) -> tuple[torch.Tenso
     if x.device != weight.packed.device:
         raise ValueError(f"{name}: x is on {x.device}, the weight on {weight.packed.device}")
     n, k = weight.shape
-    if weight.double_quant:
-        absmax, absmax2, offset = weight.absmax_q, weight.absmax2, weight.offset
-    else:
-        absmax, absmax2, offset = weight.absmax, None, None
-    return x.reshape(-1, k), (weight.packed, absmax, absmax2, offset, n, k, weight.block_size, weight.dtype)
+    absmax = weight.absmax_q if weight.double_quant else weight.absmax  # absmax2 / offset are None without it
+    args = (weight.packed, absmax, weight.absmax2, weight.offset, n, k, weight.block_size, weight.dtype)
+    return x.reshape(-1, k), args
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

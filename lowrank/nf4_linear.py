@@ -93,16 +93,21 @@ class NF4Linear(nn.Module):
         self._store(_nf4.zeros((out_features, in_features), dtype, block_size, double_quant, device))
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
-    def _store(self, q: NF4Tensor) -> None:
-        """Set the integer parameters from an NF4Tensor (the one place that knows the parameter layout)."""
-        self.weight = _frozen(q.packed.view(-1, 1))
+    @staticmethod
+    def _param_values(q: NF4Tensor) -> dict[str, torch.Tensor | None]:
+        """The integer parameters' values for an NF4Tensor (the one place that knows the parameter layout;
+        `nf4_weight` reads it back)."""
         if q.double_quant:
-            self.weight_absmax = _frozen(q.absmax_q)
-            self.weight_absmax2 = _frozen(_bits(q.absmax2))
-            self.weight_offset = _frozen(_bits(q.offset.reshape(1)))
+            absmax = {"weight_absmax": q.absmax_q, "weight_absmax2": _bits(q.absmax2),
+                      "weight_offset": _bits(q.offset.reshape(1))}  # fmt: skip
         else:
-            self.weight_absmax = _frozen(_bits(q.absmax))
-            self.weight_absmax2 = self.weight_offset = None
+            absmax = {"weight_absmax": _bits(q.absmax), "weight_absmax2": None, "weight_offset": None}
+        return {"weight": q.packed.view(-1, 1), **absmax}
+
+    def _store(self, q: NF4Tensor) -> None:
+        """Set the integer parameters (new, frozen) from an NF4Tensor."""
+        for name, value in self._param_values(q).items():
+            setattr(self, name, None if value is None else _frozen(value))
 
     @classmethod
     def from_linear(
@@ -215,13 +220,9 @@ class NF4Linear(nn.Module):
             return
         # Everything validated: now write (copy_ keeps the parameter objects, so sharding/optimizers still see them).
         with torch.no_grad():
-            self.weight.copy_(q.packed.view(-1, 1))
-            if q.double_quant:
-                self.weight_absmax.copy_(q.absmax_q)
-                self.weight_absmax2.copy_(_bits(q.absmax2))
-                self.weight_offset.copy_(_bits(q.offset.reshape(1)))
-            else:
-                self.weight_absmax.copy_(_bits(q.absmax))
+            for name, value in self._param_values(q).items():
+                if value is not None:
+                    getattr(self, name).copy_(value)
             if bias is not None:
                 self.bias.copy_(bias)
         self.dtype = dtype
