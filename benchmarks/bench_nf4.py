@@ -13,12 +13,16 @@ in the 50-60 MB L2 of an H100/H200). Inputs are random normal (never zeros: they
 Providers: ``torch_bf16`` (dense bf16 weight, cuBLAS), ``fused`` (our in-register dequant matmul: split-K for
 M <= 16, tiled above), ``dequant`` (our dequantize kernel, then torch.matmul), ``bnb`` (bitsandbytes
 ``matmul_4bit``, when installed); ``*_load``: ours with the code-book lookup as a global load instead of
-``tl.gather`` (the two variants of ``nf4_dequant._decode``, to pick the default by measurement). Writes ``bench_nf4.json`` and ``bench_nf4.md`` into ``--out``.
+``tl.gather`` (the two variants of ``nf4_dequant._decode``, to pick the default by measurement). Writes
+``bench_nf4.json`` and ``bench_nf4.md`` into ``--out``.
 
 Entry ``lora_decode`` (op column): one NF4 layer plus a LoRA adapter (r = 16, bf16 A and B) at decode sizes,
 ``y + scale * (x A^T) B^T``. Providers: ``unfused`` (NF4 matmul, then ``x @ A^T``, then ``@ B^T``: three launches
 reading x twice) and ``fused`` (``nf4_lora.matmul_lora``: base matmul and ``x A^T`` in one pass, then ``@ B^T``).
 Both finish with the same scale, ``@ B^T`` and add; ``speedup_vs_unfused`` decides LOWRANK_FUSED_LORA's default.
+
+A case that raises is recorded and the run goes on (the other rows are still measured and written); the failures
+are listed in ``bench_nf4.md`` and the exit status is 1 when there was any.
 """
 
 from __future__ import annotations
@@ -72,11 +76,27 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     bnb, HAVE_BNB = None, False
 
 
+# "case: error" of every measurement that raised; main() lists them in the results and exits 1 when any.
+FAILURES: list[str] = []
+
+
 def bench(fn) -> float:
     """Median milliseconds of ``fn()``: do_bench on CUDA (L2 flushed per call), wall clock on CPU."""
     if CUDA:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     return 1e3 * common.median_time(fn, warmup=1, repeats=3)
+
+
+def measure(case: str, fn) -> float | None:
+    """``bench(fn)`` and a progress line; on an exception, None and an entry in FAILURES (the run goes on)."""
+    try:
+        ms = bench(fn)
+    except Exception as e:  # noqa: BLE001 - any failure is recorded; the other cases still run
+        FAILURES.append(f"{case}: {type(e).__name__}: {e}")
+        common.progress(f"{case} FAILED: {type(e).__name__}: {e}")
+        return None
+    common.progress(f"{case}: {ms:.4f} ms")
+    return ms
 
 
 def ceilings() -> dict:
@@ -92,6 +112,15 @@ def ceilings() -> dict:
     props = torch.cuda.get_device_properties(DEVICE)
     return {"copy_GBps": 2 * 2**29 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9,
             "l2_bytes": getattr(props, "L2_cache_size", 0), "sm_count": props.multi_processor_count}  # fmt: skip
+
+
+def failure_notes() -> list[str]:
+    """The markdown section listing FAILURES (empty when nothing failed); one line each, whitespace collapsed and
+    cut at 300 characters (a Triton compile error runs to pages; the json keeps it whole)."""
+    if not FAILURES:
+        return []
+    lines = [f"- {' '.join(f.split())[:300]}" for f in FAILURES]
+    return [f"## FAILED: {len(FAILURES)} case(s), not in the table\n\n" + "\n".join(lines)]
 
 
 def rotation(make, nbytes: int, l2: int):
@@ -129,6 +158,20 @@ def roofline_ms(flop: float, nbytes: float, ceil: dict) -> float | None:
     return max(flop / (ceil["bf16_TFLOPs"] * 1e9), nbytes / (ceil["copy_GBps"] * 1e6))
 
 
+def result_row(ms: float, flop: float, nbytes: float, ceil: dict, **fields) -> dict:
+    """``fields`` + ms, TFLOP/s (GB/s when ``flop`` is 0: a pure data movement) and the fraction of the roofline."""
+    floor = roofline_ms(flop, nbytes, ceil)
+    rate = {"TFLOPs": flop / ms / 1e9} if flop else {"GBps": nbytes / ms / 1e6}
+    return {**fields, "ms": ms, **rate, "roofline_ms": floor, "of_roofline": floor / ms if floor else None}
+
+
+def add_speedups(case: list[dict], ref: str, column: str) -> None:
+    """``row[column]`` = time of provider ``ref`` / the row's time, in each row of a case (None if ``ref`` failed)."""
+    base = next((r["ms"] for r in case if r["provider"] == ref), None)
+    for row in case:
+        row[column] = base / row["ms"] if base else None
+
+
 def _dequant_providers(w: torch.Tensor, q: nf4.NF4Tensor, l2: int) -> dict:
     nxt = rotation(lambda: _clone(q), q.nbytes, l2)
     providers = {
@@ -148,11 +191,9 @@ def dequant_rows(ceil: dict) -> list[dict]:
         q = nf4.quantize(w, 64, True)
         nbytes = q.nbytes + w.numel() * w.element_size()  # read packed + scales, write bf16
         for name, fn in _dequant_providers(w, q, ceil["l2_bytes"]).items():
-            ms = bench(fn)
-            floor = roofline_ms(0, nbytes, ceil)
-            rows.append({"op": "dequant", "N": n, "K": k, "provider": name, "ms": ms, "GBps": nbytes / ms / 1e6,
-                         "roofline_ms": floor, "of_roofline": floor / ms if floor else None})  # fmt: skip
-            common.progress(f"dequant {n}x{k} {name}: {ms:.4f} ms")
+            ms = measure(f"dequant {n}x{k} {name}", fn)
+            if ms is not None:
+                rows.append(result_row(ms, 0, nbytes, ceil, op="dequant", N=n, K=k, provider=name))
     return rows
 
 
@@ -192,20 +233,11 @@ def matmul_rows(ceil: dict, backward: bool, flush) -> list[dict]:
                 act = 2 * m * (red + out_cols)
                 case = []
                 for name, fn in _matmul_providers(op, x, w_dense, w_nf4, bnb_w).items():
-                    try:
-                        ms = bench(fn)
-                    except Exception as e:  # noqa: BLE001 - a failing provider is reported, the run goes on
-                        common.progress(f"{op} M={m} {n}x{k} {name} FAILED: {type(e).__name__}: {e}")
-                        continue
-                    weight_bytes = q.nbytes if name != "torch_bf16" else 2 * n * k
-                    floor = roofline_ms(flop, weight_bytes + act, ceil)
-                    case.append({"op": op, "M": m, "N": n, "K": k, "provider": name, "ms": ms,
-                                 "TFLOPs": flop / ms / 1e9, "roofline_ms": floor,
-                                 "of_roofline": floor / ms if floor else None})  # fmt: skip
-                    common.progress(f"{op} M={m} {n}x{k} {name}: {ms:.4f} ms")
-                base = next((r["ms"] for r in case if r["provider"] == "torch_bf16"), None)
-                for row in case:
-                    row["speedup_vs_bf16"] = base / row["ms"] if base else None
+                    ms = measure(f"{op} M={m} {n}x{k} {name}", fn)
+                    if ms is not None:
+                        weight_bytes = q.nbytes if name != "torch_bf16" else 2 * n * k
+                        case.append(result_row(ms, flop, weight_bytes + act, ceil, op=op, M=m, N=n, K=k, provider=name))
+                add_speedups(case, "torch_bf16", "speedup_vs_bf16")
                 rows += case
         if CUDA:
             torch.cuda.empty_cache()
@@ -241,14 +273,11 @@ def lora_rows(ceil: dict, flush) -> list[dict]:
             nbytes = q.nbytes + 2 * LORA_R * (k + n) + 2 * m * (k + n)  # NF4 W, bf16 A and B, x in and y out once
             case = []
             for name, fn in _lora_providers(x, w_nf4, a, b, 2.0).items():
-                ms = bench(fn)
-                floor = roofline_ms(flop, nbytes, ceil)
-                case.append({"op": "lora_decode", "M": m, "N": n, "K": k, "r": LORA_R, "provider": name, "ms": ms,
-                             "TFLOPs": flop / ms / 1e9, "roofline_ms": floor,
-                             "of_roofline": floor / ms if floor else None})  # fmt: skip
-                common.progress(f"lora_decode M={m} {n}x{k} r={LORA_R} {name}: {ms:.4f} ms")
-            for row in case:
-                row["speedup_vs_unfused"] = case[0]["ms"] / row["ms"]
+                ms = measure(f"lora_decode M={m} {n}x{k} r={LORA_R} {name}", fn)
+                if ms is not None:
+                    fields = {"op": "lora_decode", "M": m, "N": n, "K": k, "r": LORA_R, "provider": name}
+                    case.append(result_row(ms, flop, nbytes, ceil, **fields))
+            add_speedups(case, "unfused", "speedup_vs_unfused")
             rows += case
         flush(rows)
     return rows
@@ -265,8 +294,10 @@ def main() -> None:
     out = OPTS.out or common.RESULTS_DIR
 
     def write(rows, notes=()):
+        notes = [*notes, *failure_notes()]  # in the partial writes too: a timeout keeps them
         return common.write_results("bench_nf4", rows, cols, "NF4 kernels: dequantize and matmul", env=env,
-                                    notes="\n\n".join(notes), extra={"ceilings": ceil}, out_dir=out)  # fmt: skip
+                                    notes="\n\n".join(notes), extra={"ceilings": ceil, "failures": FAILURES},
+                                    out_dir=out)  # fmt: skip
 
     rows = dequant_rows(ceil)
     write(rows)
@@ -285,7 +316,7 @@ def main() -> None:
         ),
         "M=1 fused speedups: " + ", ".join(f"{r['N']}x{r['K']}: {r['speedup_vs_bf16'] or 0:.2f}x" for r in small),
         f"LoRA decode (r = {LORA_R}), fused vs unfused: "
-        + ", ".join(f"M={r['M']} {r['N']}x{r['K']}: {r['speedup_vs_unfused']:.2f}x" for r in fused_lora),
+        + ", ".join(f"M={r['M']} {r['N']}x{r['K']}: {r['speedup_vs_unfused'] or 0:.2f}x" for r in fused_lora),
     ]
     if OPTS.smoke:
         notes.append(
@@ -293,11 +324,13 @@ def main() -> None:
         )
     paths = write(rows, notes)
     print(common.markdown_table(rows, cols))
-    print("\n".join(notes))
+    print("\n".join(notes + failure_notes()))
     print(f"wrote {paths[0]} and {paths[1]}")
     fused = [r["ms"] for r in rows if r["provider"] == "fused" and r["op"] != "lora_decode"]
     fused_ms = statistics.median(fused) if fused else 0
     common.progress(f"done (median fused time {fused_ms:.4f} ms)")
+    if FAILURES:
+        sys.exit(f"bench_nf4: {len(FAILURES)} case(s) failed (listed in {paths[1]})")
 
 
 if __name__ == "__main__":

