@@ -1,4 +1,5 @@
 """The tiny model and helpers shared by the adapter-file tests (test_io.py, test_io_errors.py).
+(``snapshot`` / ``assert_unchanged`` for the refused operations are in ``_helpers``.)
 
 ``Tiny``: two residual MLP blocks and a head, widths that are not powers of two; ``reference_forward`` is its
 forward in float64 from dense weights, the independent reference every round trip is checked against.
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowrank
+from _helpers import randomize_adapters
 
 TARGETS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
 # float32 forward vs the float64 reference through 5 layers of width <= 20 with |activations| ~ 1: rounding is a
@@ -61,12 +63,8 @@ def dense_weights(base: nn.Module, adapters: dict) -> dict:
 
 
 def randomize(model):
-    """B starts at zero; random A and B make every adapter change the output."""
-    with torch.no_grad():
-        for _, layer in lowrank.lora_layers(model):
-            layer.lora_A.copy_(torch.randn_like(layer.lora_A) * 0.3)
-            layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.3)
-    return model
+    """B starts at zero; random A and B (std 0.3) make every adapter change the output."""
+    return randomize_adapters(model, std_b=0.3, std_a=0.3)
 
 
 def adapted(base, targets=TARGETS, **kw):
@@ -77,18 +75,3 @@ def adapted(base, targets=TARGETS, **kw):
 
 def adapters_of(model) -> dict:
     return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone(), l.scale) for n, l in lowrank.lora_layers(model)}
-
-
-def snapshot(model):
-    tensors = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    kinds = [(n, type(m).__name__, getattr(m, "merged", None)) for n, m in model.named_modules()]
-    return tensors, flags, kinds, {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model, snap):
-    tensors, flags, kinds, state = snapshot(model)
-    assert kinds == snap[2] and flags == snap[1]
-    for old, new in [(snap[0], tensors), (snap[3], state)]:
-        assert old.keys() == new.keys()
-        assert all(torch.equal(old[k], new[k]) for k in old)

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _helpers import TINY_LLAMA, randomize_adapters, tiny_llama  # run as a script from tests/: sys.path[0]
 from torch import nn
 
 import lowrank
 from lowrank.distributed import gathered_adapters
 
-LLAMA = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 16, 3, 0.5
 SCENARIOS = ("ddp_lora", "ddp_qlora", "fsdp_lora", "fsdp_qlora", "fsdp_qlora_bf16", "load_sharded", "unused")
 
@@ -37,18 +36,12 @@ def build_llama(qlora: bool) -> nn.Module:
     B starts at N(0, 0.02) instead of zero (a mid-training adapter), so that every A gets a gradient from the
     first step and each adapter tensor moves far beyond the comparison tolerance in 3 steps.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation="eager"))
+    model = tiny_llama(attn_implementation="eager")
     if qlora:
         lowrank.quantize(model)
     lowrank.inject(model, "all-linear", r=4, alpha=8.0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in lowrank.lora_layers(model):
-            layer.lora_B.normal_(0.0, 0.02, generator=g)
-    return model
+    return randomize_adapters(model, std_b=0.02, generator=torch.Generator().manual_seed(1))
 
 
 class Skippy(nn.Module):
@@ -68,7 +61,7 @@ class Skippy(nn.Module):
 def global_batch(step: int) -> torch.Tensor:
     """Token ids (GLOBAL_BATCH, SEQ) for a step, the same on every rank and in the single-process reference."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, LLAMA["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
+    return torch.randint(0, TINY_LLAMA["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
 
 
 def llama_loss(model, step, rank, world_size):

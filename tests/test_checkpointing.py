@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import randomize_adapters, tiny_llama
 
 import lowrank
 
-transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import qlora_demo  # noqa: E402
 
@@ -27,19 +27,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` 
 
 
 def _adapted_llama(method: str, dropout: float, targets=("q_proj", "v_proj")) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(tie_word_embeddings=False)
     if method == "qlora":
         lowrank.quantize(model)
     lowrank.inject(model, list(targets), r=4, alpha=8, dropout=dropout)
-    with torch.no_grad():  # B = 0 at init would make every gradient of A exactly zero: nothing to compare
-        for p in lowrank.adapter_parameters(model):
-            p.normal_(0.0, 0.2)
-    return model.train()
+    # B = 0 at init would make every gradient of A exactly zero: nothing to compare
+    return randomize_adapters(model, std_b=0.2, std_a=0.2).train()
 
 
 def _adapter_grads(model, ids) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize_adapters
 from torch import nn
 
 import lowrank
@@ -29,9 +30,7 @@ def _model(dtype=torch.float32, dropout=0.0):
     lowrank.quantize(model, targets=["0", "2"])
     lowrank.inject(model, targets=["0", "4"], r=5, alpha=10.0, dropout=dropout)
     lowrank.inject(model, targets=["2"], r=20, alpha=16.0, dropout=dropout)
-    for _, layer in lowrank.lora_layers(model):
-        nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would make the adapter term vanish
-    return model
+    return randomize_adapters(model, std_b=0.1)  # B = 0 would make the adapter term vanish
 
 
 @pytest.fixture
@@ -70,7 +69,8 @@ def test_fused_equals_unfused_in_eval_no_grad(dtype, calls, monkeypatch):
         assert torch.equal(model(x), unfused)
     # Not only equal to the unfused path but right: layer 0 against its dense float64 form W0 + scale B A.
     layer = model[0]
-    w = layer.base.dequantize_weight(torch.float64) + layer.delta_weight(torch.float64)
+    delta = 10.0 / 5 * (layer.lora_B.double() @ layer.lora_A.double())  # scale = alpha / r of layer 0
+    w = layer.base.dequantize_weight(torch.float64) + delta
     expect = F.linear(x.double(), w, layer.base.bias.double())
     with torch.no_grad():
         got = layer(x).double()

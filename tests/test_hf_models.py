@@ -4,25 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
+from _helpers import TINY_LLAMA, randomize_adapters, tiny_llama
 
 import lowrank
 from lowrank.testing import assert_matches_dense
 
-VOCAB = 128
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
-def llama(**kw):
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **kw,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+def llama():
+    return tiny_llama().eval()
 
 
 def gpt2():
@@ -39,10 +30,12 @@ def clone_sd(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def randomise_b(model, std=0.05):
-    with torch.no_grad():
-        for _, layer in lowrank.lora_layers(model):
-            nn.init.normal_(layer.lora_B, std=std)
+def randomise_b(model):
+    randomize_adapters(model, std_b=0.05)
+
+
+def greedy(model, ids, n=4):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
 
 
 @pytest.mark.parametrize("arch", MODELS)
@@ -52,15 +45,14 @@ def test_full_lifecycle(arch):
     sd0 = clone_sd(model)
     ids = torch.randint(1, VOCAB, (2, 9))
     base_logits = model(ids).logits
-    base_gen = model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    base_gen = greedy(model, ids)
 
     lowrank.inject(model, targets, r=4, alpha=8.0)
     expected_type = transformers.pytorch_utils.Conv1D if arch == "gpt2" else nn.Linear
     layers = dict(lowrank.lora_layers(model))
     assert len(layers) == 2 * len(targets) and all(type(m.base) is expected_type for m in layers.values())
     assert torch.equal(model(ids).logits, base_logits)  # B = 0: exactly the base model
-    gen = model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
-    assert torch.equal(gen, base_gen)
+    assert torch.equal(greedy(model, ids), base_gen)
 
     # One training step moves the adapters and nothing else.
     before_step = clone_sd(model)
@@ -80,10 +72,14 @@ def test_full_lifecycle(arch):
     adapted = model(ids).logits
     assert (adapted - base_logits).abs().max() > 1e-3
     assert_matches_dense(model, {"input_ids": ids})  # float32 default: normwise 1e-4
+    adapted_gen = greedy(model, ids)
+    # Every greedy choice wins by more than 1e-4, so logits that move by < 1e-5 (merging, below) cannot flip it.
+    chosen = model(adapted_gen).logits[:, ids.shape[1] - 1 : -1].topk(2, dim=-1).values  # (batch, new, 2)
+    assert (chosen[..., 0] - chosen[..., 1]).min() > 1e-4
     lowrank.merge(model)
     # float32 logits of size ~1 through 2 blocks: merging changes rounding only (a few 1e-7).
     torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=1e-5)
-    model.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(greedy(model, ids), adapted_gen)  # generation (KV cache) runs on the merged weights
     with lowrank.disabled(model):
         assert torch.equal(model(ids).logits, base_logits)
     lowrank.unmerge(model)
@@ -96,6 +92,7 @@ def test_full_lifecycle(arch):
     assert not list(lowrank.lora_layers(model))
     sd = model.state_dict()
     assert list(sd) == list(sd0) and all(torch.equal(sd[k], sd0[k]) for k in sd0)  # bit-identical
+    assert torch.equal(greedy(model, ids), base_gen)
 
 
 def test_gpt2_error_names_its_linear_layers():
@@ -130,7 +127,7 @@ def test_checkpoint_names_survive_save_pretrained(tmp_path):
     # A plain from_pretrained of the full checkpoint finds every base weight under its original name (nested
     # ".base." names would leave q_proj/v_proj missing and silently re-initialised).
     loaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["missing_keys"]
     assert all(torch.equal(loaded.state_dict()[k], sd0[k]) for k in sd0)
 
 

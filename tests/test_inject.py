@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from _helpers import assert_unchanged, snapshot
 
 import lowrank
 from lowrank import LoRALinear
@@ -35,23 +36,6 @@ class Toy(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(x)
-
-
-def snapshot(model: nn.Module):
-    """Everything an error must leave unchanged: tensors, module types, requires_grad flags."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-    )
-
-
-def assert_unchanged(model: nn.Module, snap) -> None:
-    sd, types, flags = snap
-    now = model.state_dict()
-    assert list(now) == list(sd) and all(torch.equal(now[k], sd[k]) for k in sd)
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
 
 
 def names(model) -> list[str]:

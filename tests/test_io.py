@@ -16,20 +16,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
 
 import lowrank
 import lowrank.io as lio
+from _helpers import assert_unchanged, snapshot
 from _io_models import (
     F32_TOL,
     TARGETS,
     Tiny,
     adapted,
     adapters_of,
-    assert_unchanged,
     dense_weights,
     randomize,
     reference_forward,
-    snapshot,
 )
 
 
@@ -247,7 +247,6 @@ def test_save_merged_of_quantized_conv1d_keeps_conv1d_layout(tmp_path):
     # GPT-2's Conv1D quantized to NF4 is stored (out, in); the dense export must go back to (in, out) so that
     # the file loads into the original model class. Non-square layers make a wrong layout fail loudly, and the
     # square-free check below (outputs) catches a silently transposed one.
-    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
     base = nn.Sequential(Conv1D(64, 128), nn.GELU(), Conv1D(128, 64))  # weights (128, 64) and (64, 128)
     with torch.no_grad():
         for p in base.parameters():
@@ -299,7 +298,6 @@ def test_save_merged_tied_weights(tmp_path):
 
 
 def test_conv1d_round_trip_and_merged_layout(tmp_path):
-    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
     class Mlp(nn.Module):
         def __init__(self):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import lowrank
 import lowrank.io as lio
-from _io_models import TARGETS, Tiny, adapted, assert_unchanged, randomize, snapshot
+from _helpers import assert_unchanged, snapshot
+from _io_models import TARGETS, Tiny, adapted, randomize
 
 
 @pytest.fixture

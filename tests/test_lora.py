@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _helpers import randomize_adapters
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
@@ -31,9 +32,19 @@ def dense_weight(layer: LoRALinear) -> torch.Tensor:
     return w.T if isinstance(layer.base, Conv1D) else w
 
 
+def scale_of(layer: LoRALinear) -> float:
+    """The documented multiplier alpha / r (rsLoRA: alpha / sqrt(r)), computed here, not read from ``layer.scale``."""
+    return layer.alpha / (math.sqrt(layer.r) if layer.rslora else layer.r)
+
+
+def delta(layer: LoRALinear) -> torch.Tensor:
+    """scale * B @ A in float64 from the adapter tensors (the reference for ``delta_weight`` and merges)."""
+    return scale_of(layer) * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+
+
 def reference(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     """y = x (W0 + scale * B @ A)^T + b in float64."""
-    w = dense_weight(layer) + layer.scale * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+    w = dense_weight(layer) + delta(layer)
     b = layer.base.bias
     return F.linear(x.double(), w, None if b is None else b.detach().double())
 
@@ -43,9 +54,8 @@ def normwise(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def adapted(kind, n_in, n_out, dtype=torch.float64, **kw) -> LoRALinear:
-    layer = LoRALinear(make_base(kind, n_in, n_out, dtype), **kw)
-    nn.init.normal_(layer.lora_B, std=0.3)  # B = 0 at init would make every check below trivial
-    return layer
+    # B = 0 at init would make every check below trivial
+    return randomize_adapters(LoRALinear(make_base(kind, n_in, n_out, dtype), **kw), std_b=0.3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -86,7 +96,7 @@ def test_gradients_match_dense_autograd_float64(kind):
     a = layer.lora_A.detach().clone().requires_grad_()
     b = layer.lora_B.detach().clone().requires_grad_()
     bias = None if layer.base.bias is None else layer.base.bias.detach()
-    y = F.linear(x, dense_weight(layer) + layer.scale * b @ a, bias)
+    y = F.linear(x, dense_weight(layer) + scale_of(layer) * b @ a, bias)
     (y * g_out).sum().backward()
 
     # Same math, different association order: a few ulps of float64 relative to the gradient's size.
@@ -108,7 +118,7 @@ def test_gradients_per_dtype(dtype, kind, n_in, n_out, rows):
     a = layer.lora_A.detach().double().requires_grad_()
     b = layer.lora_B.detach().double().requires_grad_()
     bias = None if layer.base.bias is None else layer.base.bias.detach().double()
-    (F.linear(x.double(), dense_weight(layer) + layer.scale * (b @ a), bias) * g_out.double()).sum().backward()
+    (F.linear(x.double(), dense_weight(layer) + scale_of(layer) * (b @ a), bias) * g_out.double()).sum().backward()
     eps = torch.finfo(dtype).eps
     # Backward rounds like the forward (casts of A, B, the (M, r) intermediates, the products) plus accumulation
     # over K <= 130 rows/features; measured worst 3.6 eps over 540 random cases, so 8 eps normwise has margin.
@@ -150,10 +160,9 @@ def test_attributes_and_weight_delegation():
     assert layer.weight is conv.weight and layer.bias is conv.bias  # HF code reads `proj.weight.dtype`
     assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == layer.dropout_p == 0.25
     assert isinstance(LoRALinear(nn.Linear(3, 3)).dropout, nn.Identity)
-    nn.init.normal_(layer.lora_B)
-    expected = layer.scale * layer.lora_B.double() @ layer.lora_A.double()
+    randomize_adapters(layer, std_b=1.0)
     assert layer.delta_weight().dtype == torch.float32 and layer.delta_weight().shape == (6, 10)
-    assert normwise(layer.delta_weight(), expected) < 1e-6  # float32 product of K = 2 terms: ~2 ulps
+    assert normwise(layer.delta_weight(), delta(layer)) < 1e-6  # float32 product of K = 2 terms: ~2 ulps
     assert torch.equal(layer.dense_base_weight(), conv.weight.T)
 
 
@@ -164,7 +173,7 @@ def test_dropout_applies_to_the_adapter_input_only():
     y = layer(x)
     torch.manual_seed(123)
     dropped = F.dropout(x, 0.5, training=True)
-    expected = layer.base(x) + layer.scale * dropped @ layer.lora_A.T @ layer.lora_B.T
+    expected = layer.base(x) + scale_of(layer) * dropped @ layer.lora_A.T @ layer.lora_B.T
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)  # same mask; float32 reassociation only
     assert not torch.allclose(y, reference(layer, x).float(), atol=1e-3)  # the mask really changed the output
     layer.eval()
@@ -204,12 +213,12 @@ def test_merge_rounding_bound_per_dtype(dtype, u):
     layer = adapted("linear", 48, 40, dtype, r=4, alpha=8.0).eval()
     w0 = dense_weight(layer)
     a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-    exact = w0 + layer.scale * b @ a
+    exact = w0 + scale_of(layer) * b @ a
     layer.merge()
     err = (layer.base.weight.double() - exact).abs()
     # One rounding to the base dtype (half an ulp: u |w|), after W0 + scale * B @ A computed in float32, whose
     # error is at most a few float32 ulps of the magnitudes summed (K = 4 products + 1 add: 2^-22 covers them).
-    float32_work = 2**-22 * (w0.abs() + layer.scale * b.abs() @ a.abs())
+    float32_work = 2**-22 * (w0.abs() + scale_of(layer) * b.abs() @ a.abs())
     assert (err <= u * exact.abs() + float32_work).all()
     if dtype != torch.float32:
         assert err.max() > 0  # the rounding is real for a low-precision base (what the docstring warns about)
@@ -269,7 +278,7 @@ def test_load_base_checkpoint_strict_and_reject_half_adapter():
     assert torch.equal(layer.base.weight, source.weight) and torch.equal(layer.lora_A, a0)
 
     full = LoRALinear(nn.Linear(6, 4), r=2)
-    nn.init.normal_(full.lora_B)
+    randomize_adapters(full, std_b=1.0)
     layer.load_state_dict(full.state_dict())
     assert torch.equal(layer.lora_B, full.lora_B) and torch.equal(layer.base.weight, full.base.weight)
 
@@ -313,8 +322,7 @@ def test_nf4_base_state_dict_merge_and_disable():
     base = NF4Linear.from_linear(nn.Linear(64, 24))
     base_keys = list(base.state_dict())
     packed = {k: v.clone() for k, v in base.state_dict().items() if isinstance(v, torch.Tensor)}
-    layer = LoRALinear(base, r=4, alpha=8.0).eval()
-    nn.init.normal_(layer.lora_B, std=0.1)
+    layer = randomize_adapters(LoRALinear(base, r=4, alpha=8.0).eval(), std_b=0.1)
     assert list(layer.state_dict()) == base_keys + ["lora_A", "lora_B"]  # 'weight.absmax' etc., no 'base.'
     assert "weight.absmax" in base_keys
     result = layer.load_state_dict(base.state_dict())  # a quantized base checkpoint loads with strict=True
@@ -323,7 +331,7 @@ def test_nf4_base_state_dict_merge_and_disable():
     x = torch.randn(3, 64)
     y = layer(x)
     w0 = base.dequantize_weight(torch.float64)
-    expected = F.linear(x.double(), w0 + layer.delta_weight(torch.float64), base.bias.double())
+    expected = F.linear(x.double(), w0 + delta(layer), base.bias.double())
     assert normwise(y, expected) < 1e-5  # float32 compute vs float64 on K = 64: a few ulps
     layer.merge()
     assert layer._merged_weight.shape == (24, 64)
@@ -377,9 +385,8 @@ def test_nf4_merge_sums_in_the_compute_dtype_when_it_is_wider():
     from lowrank import NF4Linear
 
     base = NF4Linear.from_linear(nn.Linear(64, 24), compute_dtype=torch.float64)
-    layer = LoRALinear(base, r=4, alpha=8.0).eval()
-    nn.init.normal_(layer.lora_B, std=0.1)
-    expected = base.dequantize_weight(torch.float64) + layer.delta_weight(torch.float64)
+    layer = randomize_adapters(LoRALinear(base, r=4, alpha=8.0).eval(), std_b=0.1)
+    expected = base.dequantize_weight(torch.float64) + delta(layer)
     layer.merge()
     assert layer._merged_weight.dtype == torch.float64
     torch.testing.assert_close(layer._merged_weight, expected, rtol=0, atol=1e-12)

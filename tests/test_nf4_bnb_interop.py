@@ -7,15 +7,14 @@ map. Exact byte equality is therefore checked against the reference path; the na
 agreement of everything else and for codes off by at most one step.
 """
 
+import bitsandbytes as bnb  # a `test` extra (pyproject.toml): missing it is an error, not a skip
+import bitsandbytes.functional as F
 import pytest
 import torch
 
 from lowrank import nf4
 from lowrank.nf4 import quantize
 from lowrank.nf4_linear import NF4Linear
-
-bnb = pytest.importorskip("bitsandbytes")
-F = pytest.importorskip("bitsandbytes.functional")
 
 CASES = [
     ((6, 40), torch.float32, 64),
@@ -31,8 +30,9 @@ CASES = [
 def _bnb_reference_blockwise(values: torch.Tensor, blocksize: int):
     """bitsandbytes' reference (torch) blockwise quantizer, bypassing the native CPU kernel."""
     name = "bitsandbytes::quantize_blockwise"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"):
-        pytest.skip("this bitsandbytes has no reference quantize_blockwise kernel to compare with")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), (
+        f"bitsandbytes {bnb.__version__} has no reference (torch) quantize_blockwise kernel to compare bytes with"
+    )
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     return torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
         keys, values, F.create_dynamic_map(signed=True), blocksize

@@ -9,16 +9,17 @@ so logits agree to float32 rounding, not bit for bit.
 import copy
 import json
 
+import peft  # a `test` extra (pyproject.toml): missing it is an error, not a skip
 import pytest
 import torch
 import torch.nn as nn
+import transformers
+from _helpers import randomize_adapters, tiny_llama
 
 import lowrank
 
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix, and noise in every test here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 # Float32 logits of magnitude ~1 after two blocks; the two scale placements differ by a few ulps per layer
 # (measured max |diff| 1.8e-7 vs an adapter effect of 0.8): 1e-5 has margin and still catches any wrong scale.
@@ -26,11 +27,7 @@ ATOL = RTOL = 1e-5
 
 
 def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama().eval()
 
 
 def _gpt2():
@@ -49,18 +46,16 @@ def _logits(model, tokens):
     return model(input_ids=tokens).logits.float()
 
 
-def _randomize_adapters(params):
-    """B starts at zero (adapter = identity); give A and B values that move the logits visibly."""
-    with torch.no_grad():
-        for name, p in params:
-            p.copy_(torch.randn_like(p) * (0.3 if "lora_B" in name else 0.2))
+def _randomize_adapters(model):
+    """B starts at zero (adapter = identity); give A and B values that move the logits visibly (ours or PEFT's)."""
+    return randomize_adapters(model, std_b=0.3, std_a=0.2)
 
 
 def _lowrank_adapter(model):
     # Two injects with different r / alpha: the file needs rank_pattern / alpha_pattern for PEFT to rebuild it.
     lowrank.inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
     lowrank.inject(model, ["down_proj"], r=2, alpha=6)
-    _randomize_adapters((n, p) for n, p in model.named_parameters() if "lora_" in n)
+    _randomize_adapters(model)
     return model
 
 
@@ -71,7 +66,7 @@ def test_lowrank_adapter_loads_in_peft_with_same_logits(tmp_path, rslora):
     if rslora:
         lowrank.inject(ours, ["q_proj", "v_proj"], r=4, alpha=8, rslora=True)
         lowrank.inject(ours, ["down_proj"], r=2, alpha=6, rslora=True)
-        _randomize_adapters((n, p) for n, p in ours.named_parameters() if "lora_" in n)
+        _randomize_adapters(ours)
     else:
         _lowrank_adapter(ours)
     tokens = _tokens()
@@ -98,7 +93,7 @@ def test_peft_adapter_loads_in_lowrank_with_same_logits(tmp_path):
         rank_pattern={"k_proj": 2}, alpha_pattern={"gate_proj": 3},
     )  # fmt: skip
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
-    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if "lora_" in n)
+    _randomize_adapters(theirs)
     theirs.eval()
     tokens = _tokens()
     expected = _logits(theirs, tokens)
@@ -121,7 +116,7 @@ def test_peft_state_dict_keys_with_adapter_name_segment(tmp_path):
     """PEFT's in-memory state dict has '.default.' in the keys; files written from it must load too."""
     base = _llama()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]))
-    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if "lora_" in n)
+    _randomize_adapters(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     from safetensors.torch import save_file
@@ -140,7 +135,7 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     tokens = _tokens()
     ours = copy.deepcopy(base)
     lowrank.inject(ours, ["c_attn", "c_proj"], r=4, alpha=8)  # c_proj: attention and MLP output, both Conv1D
-    _randomize_adapters((n, p) for n, p in ours.named_parameters() if "lora_" in n)
+    _randomize_adapters(ours)
     lowrank.save_adapter(ours, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
@@ -151,7 +146,7 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     )
-    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if "lora_" in n)
+    _randomize_adapters(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path / "theirs")
     ours = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
@@ -201,7 +196,7 @@ def test_mixed_conv1d_and_linear_model_loads_in_peft(tmp_path):
     base = Mixed()
     ours = copy.deepcopy(base)
     lowrank.inject(ours, ["conv", "lin"], r=3, alpha=5)
-    _randomize_adapters((n, p) for n, p in ours.named_parameters() if "lora_" in n)
+    _randomize_adapters(ours)
     lowrank.save_adapter(ours, tmp_path)
     with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -217,7 +212,7 @@ def test_peft_adapter_on_nf4_llama(tmp_path):
     base = _llama()
     theirs_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
     trained = peft.get_peft_model(copy.deepcopy(base), theirs_cfg)
-    _randomize_adapters((n, p) for n, p in trained.named_parameters() if "lora_" in n)
+    _randomize_adapters(trained)
     trained.save_pretrained(tmp_path)
 
     ours = lowrank.load_adapter(lowrank.quantize(copy.deepcopy(base)), tmp_path).eval()

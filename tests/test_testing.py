@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _helpers import randomize_adapters
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
@@ -16,10 +17,7 @@ def model_with_adapters(dtype=torch.float32) -> nn.Sequential:
     nn.init.normal_(conv.bias)
     model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), conv, nn.Tanh(), nn.Linear(11, 5, bias=False)).to(dtype)
     lowrank.inject(model, "all-linear", r=3, alpha=5.0, adapter_dtype=torch.float32)
-    with torch.no_grad():
-        for _, layer in lowrank.lora_layers(model):
-            nn.init.normal_(layer.lora_B, std=0.2)
-    return model
+    return randomize_adapters(model, std_b=0.2)
 
 
 def test_dense_equivalent_is_a_plain_copy_with_the_same_outputs():
@@ -33,7 +31,7 @@ def test_dense_equivalent_is_a_plain_copy_with_the_same_outputs():
     torch.testing.assert_close(dense(x), model(x), rtol=0, atol=1e-5)
     dense64 = dense_equivalent(model, torch.float64)
     assert dense64[0].weight.dtype == torch.float64
-    w = model[0].base.weight.double() + model[0].scale * (model[0].lora_B.double() @ model[0].lora_A.double())
+    w = model[0].base.weight.double() + 5.0 / 3 * (model[0].lora_B.double() @ model[0].lora_A.double())  # alpha / r
     assert torch.equal(dense64[0].weight, w)  # exactly W0 + scale * B @ A in float64
     lowrank.merge(model)
     assert torch.equal(dense_equivalent(model, torch.float64)[0].weight, w)  # merge state does not matter
@@ -116,15 +114,12 @@ def test_bf16_model_uses_the_bf16_default_tolerance():
 def test_nf4_base_is_compared_with_its_dequantized_weight():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     lowrank.quantize(model)
-    lowrank.inject(model, "all-linear", r=4, alpha=8.0)
-    with torch.no_grad():
-        for _, layer in lowrank.lora_layers(model):
-            nn.init.normal_(layer.lora_B, std=0.1)
+    randomize_adapters(lowrank.inject(model, "all-linear", r=4, alpha=8.0), std_b=0.1)
     x = torch.randn(5, 64)
     report = assert_matches_dense(model, x)  # reference W0 = dequantize_weight(float64): only float32 rounding
     assert report.worst_rel < 1e-5
     dense = dense_equivalent(model)
-    w = model[0].base.dequantize_weight(torch.float64) + model[0].delta_weight(torch.float64)
+    w = model[0].base.dequantize_weight(torch.float64) + 8.0 / 4 * (model[0].lora_B.double() @ model[0].lora_A.double())
     torch.testing.assert_close(dense[0].weight, w.float(), rtol=0, atol=0)  # one rounding of the float64 sum
 
 

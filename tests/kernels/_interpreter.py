@@ -31,14 +31,16 @@ def devices() -> list:
     return [pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0) -> str:
-    """Run one test module under TRITON_INTERPRET=1 in a fresh pytest; raise with its output if anything fails."""
+def run_module_in_interpreter(module_file: str, timeout_s: float = 240.0, tests: tuple[str, ...] = ()) -> str:
+    """Run one test module (only its test functions named in ``tests``, every parametrization, when given) under
+    TRITON_INTERPRET=1 in a fresh pytest; raise with its output if anything fails, skips or is deselected."""
     env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_FLAG: "1", "CUDA_VISIBLE_DEVICES": ""}
     # The `pytest` command next to this interpreter, as the project runs tests: `python -m pytest` from the repo
     # root would put the root's kernels/ folder on sys.path, shadowing Hugging Face's top-level `kernels` package.
     script = Path(sys.executable).with_name("pytest")
     runner = [str(script)] if script.exists() else [sys.executable, "-m", "pytest"]
-    cmd = [*runner, module_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
+    targets = [f"{module_file}::{name}" for name in tests] or [module_file]
+    cmd = [*runner, *targets, "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
     cwd = Path(module_file).resolve().parent  # not the repo root, for the same reason (matters for the fallback)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     out = done.stdout + done.stderr
