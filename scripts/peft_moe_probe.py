@@ -15,7 +15,13 @@ warnings.filterwarnings("ignore")
 
 
 def tiny(family):
-    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    common = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     if family == "mixtral":
         cfg = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
         return transformers.MixtralForCausalLM(cfg)
@@ -50,7 +56,7 @@ print("peft", peft.__version__, "transformers", transformers.__version__, "torch
 for family in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]:
     torch.manual_seed(0)
     model = tiny(family)
-    experts = [(n, m) for n, m in model.named_modules() if n.endswith("experts")][0]
+    experts = next((n, m) for n, m in model.named_modules() if n.endswith("experts"))
     print(
         f"\n== {family}: experts module {experts[0]} ({type(experts[1]).__name__}), attrs",
         {k: getattr(experts[1], k, None) for k in ("is_transposed", "is_concatenated", "has_bias", "has_gate")},
@@ -111,7 +117,7 @@ for targets in (["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]):
             emb.lora_embedding_B["default"].std().item(),
         )
     base = pm.get_base_model()
-    unwrap = lambda m: m.get_base_layer() if hasattr(m, "get_base_layer") else m  # noqa: E731
+    unwrap = lambda m: m.get_base_layer() if hasattr(m, "get_base_layer") else m
     ids = torch.arange(8)[None]
     with torch.no_grad():  # a non-zero update, so merging shows whether the head sees it
         for layer in pm.modules():

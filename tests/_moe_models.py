@@ -13,8 +13,8 @@ from torch import nn
 
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=64)  # fmt: skip
+_COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 64}  # fmt: skip
 
 
 def tiny_moe(family: str, **overrides) -> nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 
 from lowrank.moe_ops import LowRank, embedding_update, experts_forward, route
 
-TOL = dict(rtol=1e-12, atol=1e-12)  # float64, same products in another order
+TOL = {"rtol": 1e-12, "atol": 1e-12}  # float64, same products in another order
 
 
 def _inputs(experts, tokens=11, seed=0):
