@@ -20,11 +20,12 @@ import torch.nn as nn
 
 from .base import is_conv1d, is_linear, linear_features
 from .lora import LoRALayer, LoRALinear
+from .lora_embedding import LoRAEmbedding
 
 __all__ = ["LAYER_KINDS", "find_targets", "is_conv1d", "is_linear", "layer_kind", "linear_features"]
 
 # Adapted-layer classes, tried in order; a new target kind (embeddings, experts) is one more entry.
-LAYER_KINDS: list[type[LoRALayer]] = [LoRALinear]
+LAYER_KINDS: list[type[LoRALayer]] = [LoRALinear, LoRAEmbedding]
 
 
 def layer_kind(module: nn.Module) -> type[LoRALayer] | None:

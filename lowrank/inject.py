@@ -22,6 +22,8 @@ from .adapters import adapter_names, lora_layers, replace_module, set_adapter
 from .base import follows_protocol
 from .init import check_init
 from .lora import DEFAULT, LoRALayer, adapter_key
+from .lora_experts import plan_experts, warn_unadapted_experts
+from .tied import check_merge_keeps_ties
 
 
 def inject(
@@ -38,6 +40,7 @@ def inject(
     init: str = "default",
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    target_parameters: list[str] | None = None,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to the target layers of ``model``, in place; it becomes the active adapter alone.
 
@@ -58,6 +61,9 @@ def inject(
         init: an initialisation from ``lowrank.init.INITS`` ("default", "gaussian", ...).
         rank_pattern, alpha_pattern: per-layer r / alpha overrides, ``{name: value}`` where a key matches a layer
             as a ``targets`` list entry does (equal to its qualified name or a ``.``-suffix of it); first key wins.
+        target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters`` (e.g.
+            ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``; see `lowrank.lora_experts`). With it,
+            ``targets`` may be ``[]`` or None (parameters only).
 
     Returns:
         The same ``model`` object.
@@ -72,7 +78,8 @@ def inject(
     check_hyperparameters(r, alpha, dropout, adapter_dtype)
     check_adapter_name(adapter_name)
     init_fn = check_init(init)
-    found = find_targets(model, targets, exclude)
+    params_only = target_parameters is not None and (targets is None or (isinstance(targets, list) and not targets))
+    found = [] if params_only else find_targets(model, targets, exclude)
     sizes = {name: (_pattern(rank_pattern, name, r), _pattern(alpha_pattern, name, alpha)) for name, _ in found}
     for layer_r, layer_alpha in sizes.values():
         check_hyperparameters(layer_r, layer_alpha, dropout, adapter_dtype)
@@ -113,6 +120,9 @@ def inject(
             adapter = LoRAAdapter(layer.in_features, layer.out_features, layer_r, layer_alpha, dropout, rslora,
                                   adapter_dtype=adapter_dtype, device=device)  # fmt: skip
             built.append((name, module, layer, adapter))
+        if target_parameters is not None:
+            built += plan_experts(model, target_parameters, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                                  adapter_dtype=adapter_dtype, adapter_name=adapter_name, init=init)  # fmt: skip
     except BaseException:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
@@ -134,6 +144,8 @@ def inject(
             p.requires_grad_(flag)
         raise
     set_adapter(model, adapter_name)
+    if targets == "all-linear":
+        warn_unadapted_experts(model)
     ours = {id(p) for _, layer in lora_layers(model) for p in layer.adapters.parameters()}
     for p in model.parameters():
         if id(p) not in ours:
@@ -189,6 +201,7 @@ def merge(model: nn.Module) -> nn.Module:
     for _, layer in lora_layers(model):
         if layer.mixed is not None:
             raise RuntimeError("cannot merge while lowrank.mixed_batch is active (each row has its own adapter)")
+    check_merge_keeps_ties(model)
     for _, layer in lora_layers(model):
         layer.merge()
     return model

@@ -38,13 +38,23 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._match import layer_kind, linear_features
+from ._match import layer_kind
 from .adapter import check_adapter_name, lora_scale
 from .adapters import adapter_names, delete_adapter, lora_layers
 from .base import follows_protocol
 from .inject import eject, inject
 from .lora import DEFAULT, LoRALayer
+from .lora_embedding import LoRAEmbedding
 from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
+from .peft_layout import (
+    check_base_weights,
+    explain_key,
+    layer_tensors,
+    module_features,
+    parameter_names,
+    plan_experts_load,
+    split_tensors,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
@@ -142,14 +152,14 @@ def save_adapter(
     for name in names:  # build and check every file's content first: nothing is written if any is bad
         layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.adapters]
         config = build_config([(n, layer.adapters[name]) for n, layer in layers], base_model_name_or_path,
-                              any(layer.fan_in_fan_out for _, layer in layers))  # fmt: skip
+                              any(lay.fan_in_fan_out for _, lay in layers if not isinstance(lay, LoRAEmbedding)),
+                              [p for n, layer in layers for p in parameter_names(n, layer, name)])  # fmt: skip
         tensors, bad = {}, []
         for layer_name, layer in layers:
-            for part in _PARTS:
-                t = getattr(layer.adapters[name], part)
+            for key, t in layer_tensors(layer_name, layer, name).items():
                 if not torch.isfinite(t).all():
-                    bad.append(f"{layer_name}.{part}" + ("" if name == DEFAULT else f" (adapter {name!r})"))
-                tensors[f"base_model.model.{layer_name}.{part}.weight"] = t
+                    bad.append(key + ("" if name == DEFAULT else f" (adapter {name!r})"))
+                tensors[key] = t
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
         jobs.append((folders[name], _cpu_tensors(tensors), json.dumps(config, indent=2, sort_keys=True) + "\n"))
@@ -217,8 +227,9 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """adapter_model.safetensors -> {module name: {"lora_A": A, "lora_B": B}}, keys and tensors validated."""
+def _read_tensors(directory: Path, model: nn.Module, cfg: dict):
+    """adapter_model.safetensors -> ({module name: {"lora_A": A, "lora_B": B}}, {(experts module, param): {...}},
+    {module name: stored base weight}), keys and tensors validated (see `lowrank.peft_layout.split_tensors`)."""
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         hint = ""
@@ -229,6 +240,10 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
         tensors = load_file(str(file))  # checks the header and that the data length matches it
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a valid safetensors file (truncated or another format?): {e}") from None
+    def r_of(name: str) -> int:
+        return pattern_value(cfg["rank_pattern"], name, cfg["r"])
+
+    tensors, experts, base = split_tensors(model, tensors, cfg["target_parameters"], r_of, file)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
@@ -238,23 +253,20 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
             continue
         pairs.setdefault(m["name"], {})[m["part"]] = t
     if unknown:
-        raise ValueError(
-            f"{file}: tensors {sorted(unknown)[:8]} are not LoRA weights in PEFT's layout "
-            "'base_model.model.<module>.lora_A[.default].weight' / '...lora_B...' (DoRA, biases, embeddings and "
-            "modules_to_save are not supported)"
-        )
-    if not pairs:
+        reasons = sorted({explain_key(k) for k in unknown})
+        raise ValueError(f"{file}: tensors {sorted(unknown)[:8]} cannot be loaded: {'; '.join(reasons)}")
+    if not pairs and not experts:
         raise ValueError(f"{file} holds no LoRA tensors")
     missing = [f"{name}.{part}" for name, p in pairs.items() for part in _PARTS if part not in p]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing} (each adapted module needs both lora_A and lora_B)")
-    for name, p in pairs.items():
+    for name, p in [*pairs.items(), *((f"{n}.{q}", v) for (n, q), v in experts.items())]:
         for part, t in p.items():
             if not t.is_floating_point():
                 raise ValueError(f"{file}: {name}.{part} has dtype {t.dtype}; LoRA weights must be floating point")
             if not torch.isfinite(t.float()).all():  # float(): also catches float64 values that overflow float32
                 raise ValueError(f"{file}: {name}.{part} holds NaN or inf (or values beyond the float32 range)")
-    return pairs
+    return pairs, experts, base
 
 
 def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, adapter_name: str) -> list:
@@ -288,7 +300,7 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, a
         if isinstance(module, LoRALayer):
             in_features, out_features = module.in_features, module.out_features
         elif layer_kind(module) is not None:
-            in_features, out_features = linear_features(module)
+            in_features, out_features = module_features(module)
         else:
             raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not a linear layer")
         r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
@@ -352,8 +364,10 @@ def load_adapter(
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     cfg = read_config(directory)
-    pairs = _read_tensors(directory)
-    plan = _plan(model, cfg, pairs, strict, directory, adapter_name)
+    pairs, experts, base = _read_tensors(directory, model, cfg)
+    plan = _plan(model, cfg, pairs, strict, directory, adapter_name) if pairs else []
+    experts_r, experts_alpha = plan_experts_load(model, cfg, experts, directory, adapter_name)
+    check_base_weights(model, base, {name for name, _, _ in plan}, directory)
     if adapter_name not in adapter_names(model):
         names = {name for name, _, _ in plan}
         grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -361,14 +375,15 @@ def load_adapter(
         try:
             inject(
                 model,
-                lambda n, m: n in names,  # exact names (a list entry would also match longer names ending with it)
-                r=cfg["r"],
-                alpha=cfg["lora_alpha"],
+                (lambda n, m: n in names) if names else [],  # exact names (a list entry also matches longer ones)
+                r=experts_r or cfg["r"],
+                alpha=experts_alpha or cfg["lora_alpha"],
                 dropout=cfg["lora_dropout"],
                 rslora=cfg["use_rslora"],
                 adapter_name=adapter_name,
                 rank_pattern={name: r for name, r, _ in plan},
                 alpha_pattern={name: alpha for name, _, alpha in plan},
+                target_parameters=[f"{n}.{p}" for n, p in experts] or None,
             )
         except BaseException:
             if adapter_name in adapter_names(model):  # inject rolls back itself; this covers a later failure
@@ -382,4 +397,8 @@ def load_adapter(
             adapter = layers[name].adapters[adapter_name]
             adapter.lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
             adapter.lora_B.copy_(pairs[name]["lora_B"])
+        for (name, param), pair in experts.items():
+            adapter = layers[name].adapters[adapter_name]
+            adapter.lora_A[param].copy_(pair["lora_A"])
+            adapter.lora_B[param].copy_(pair["lora_B"])
     return model

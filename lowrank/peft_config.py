@@ -20,11 +20,13 @@ from collections import Counter
 from pathlib import Path
 
 from .adapter import LoRAAdapter
+from .peft_layout import target_modules_regex
 
 CONFIG_NAME = "adapter_config.json"
 
 # Config fields lowrank reads: name -> PEFT's default (PEFT silently uses these when a field is missing, so we do too).
-_USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+_USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+         "target_parameters": []}  # fmt: skip
 # Accepted whatever their value: metadata, target selection (targets come from the tensor names), weight
 # initialisation (the file holds the trained weights) and switches that only act together with a rejected field.
 _IGNORED = {
@@ -36,7 +38,7 @@ _IGNORED = {
 # Features that change the forward pass or add tensors lowrank does not have: rejected unless at their default.
 _UNSUPPORTED = {
     "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None, "layer_replication": None,
-    "use_qalora": False, "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
     "megatron_config": None,
 }  # fmt: skip
@@ -61,11 +63,16 @@ def _number(x: float) -> int | float:
 
 
 def build_config(
-    layers: list[tuple[str, LoRAAdapter]], base_model_name_or_path: str | None, fan_in_fan_out: bool = False
+    layers: list[tuple[str, LoRAAdapter]],
+    base_model_name_or_path: str | None,
+    fan_in_fan_out: bool = False,
+    target_parameters: list[str] | None = None,
 ) -> dict:
     """PEFT's config for one adapter: ``layers`` is [(qualified layer name, that layer's adapter)].
 
-    ``fan_in_fan_out``: some adapted layer is a Conv1D (PEFT decides per layer anyway).
+    ``fan_in_fan_out``: some adapted layer is a Conv1D (PEFT decides per layer anyway). ``target_parameters``: the
+    full names of adapted 3-D expert weights; their layers are left out of ``target_modules``, which is a regex
+    matching exactly the other layers (`lowrank.peft_layout.target_modules_regex`).
     """
     rslora = {bool(layer.rslora) for _, layer in layers}
     if len(rslora) > 1:
@@ -91,7 +98,8 @@ def build_config(
         "lora_alpha": _number(alpha),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": [name for name, _ in layers],
+        "target_modules": target_modules_regex([n for n, _ in layers if not _is_experts(n, target_parameters)]),
+        "target_parameters": list(target_parameters) if target_parameters else None,
         "exclude_modules": None,
         "lora_dropout": dropouts.most_common(1)[0][0],
         "use_rslora": rslora.pop(),
@@ -104,6 +112,10 @@ def build_config(
         "layers_pattern": None,
         "inference_mode": True,
     }
+
+
+def _is_experts(name: str, target_parameters) -> bool:
+    return any(p.rpartition(".")[0] == name for p in target_parameters or ())
 
 
 def read_config(directory: Path) -> dict:
@@ -142,6 +154,9 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {p!r}")
     if not isinstance(cfg["use_rslora"], bool):
         raise ValueError(f"{file}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    tp = cfg["target_parameters"]
+    if not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp):
+        raise ValueError(f"{file}: target_parameters must be a list of parameter names, got {tp!r}")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         if not isinstance(cfg[key], dict):
             raise ValueError(f"{file}: {key} must be an object mapping module patterns to values")

@@ -24,6 +24,8 @@ import re
 import torch
 from torch import nn
 
+from .adapter import lora_scale
+from .base import linear_features
 from .lora_embedding import LoRAEmbedding
 from .lora_experts import EXPERT_WEIGHTS, LoRAExperts, find_parameters, weight_features
 
@@ -158,7 +160,74 @@ def check_base_weights(model: nn.Module, base: dict[str, torch.Tensor], adapted:
         ):
             shape = None if weight is None else tuple(weight.shape)
             raise ValueError(
-                f"{where}: {name}.base_layer.weight (PEFT's save_embedding_layers copy, shape {tuple(t.shape)}) differs "
-                f"from the model's {name} weight (shape {shape}): the adapter was trained on another base (resized "
+                f"{where}: {name}.base_layer.weight (PEFT's save_embedding_layers copy, shape {tuple(t.shape)}) "
+                f"differs from the model's {name} weight (shape {shape}): the adapter was trained on another base (resized "
                 "or retrained vocabulary?); lowrank loads adapters only, not new base weights"
             )
+
+
+def module_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable module in the adapter's layout (an embedding: (vocab, dim))."""
+    if isinstance(module, nn.Embedding):
+        return int(module.num_embeddings), int(module.embedding_dim)
+    return linear_features(module)
+
+
+def explain_key(key: str) -> str:
+    """Why a tensor key of a PEFT file is not one lowrank loads (for the refusal message)."""
+    if "lora_magnitude_vector" in key:
+        return "DoRA magnitude vectors (use_dora) are not supported"
+    if ".modules_to_save." in key or key.endswith(".modules_to_save"):
+        return "modules_to_save (a full trainable copy of a module) is not supported"
+    if "trainable_tokens" in key:
+        return "trainable_token_indices (trainable token rows) is not supported"
+    if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
+        return "lora_bias (a bias on lora_B) is not supported"
+    if ".base_layer.lora_" in key:
+        return "nested ParamWrapper keys for a module the config's target_parameters does not name"
+    return (
+        "not a LoRA weight in PEFT's layout ('base_model.model.<module>.lora_A[.default].weight', "
+        "'...lora_embedding_A', '...base_layer.weight')"
+    )
+
+
+def plan_experts_load(model: nn.Module, cfg: dict, experts: dict, where, adapter_name: str):
+    """Check a file's experts entries against the model; return the (r, alpha) they use, or (None, None).
+
+    Raises:
+        ValueError: experts modules of one file with different r / alpha, a merged experts layer, or (when
+            ``adapter_name`` exists already) a layer that has it on other weights or with another r / scale.
+    """
+    if not experts:
+        return None, None
+    sizes = {}
+    for name, _ in experts:
+        r = _pattern(cfg["rank_pattern"], name, cfg["r"])
+        sizes[name] = (r, _pattern(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{where}: experts modules with different r / alpha {sizes} are not supported")
+    r, alpha = next(iter(sizes.values()))
+    scale = lora_scale(alpha, r, cfg["use_rslora"])
+    params: dict[str, set[str]] = {}
+    for name, p in experts:
+        params.setdefault(name, set()).add(p)
+    for name, ps in params.items():
+        module = model.get_submodule(name)
+        if isinstance(module, LoRAExperts) and module.merged:
+            raise ValueError(f"adapters of {name} are merged into the base weights; call lowrank.unmerge first")
+        if isinstance(module, LoRAExperts) and adapter_name in module.adapters:
+            have = module.adapters[adapter_name]
+            if set(have.params) != ps or have.r != r or abs(have.scale - scale) > 1e-6 * abs(scale):
+                raise ValueError(
+                    f"{name} already has adapter {adapter_name!r} on {have.params} with r={have.r}, "
+                    f"scale={have.scale:g}; {where} has {sorted(ps)} with r={r}, scale={scale:g}. "
+                    "lowrank.eject the model first, or load with another adapter_name"
+                )
+    return r, alpha
+
+
+def _pattern(patterns: dict, name: str, default):
+    for key, value in patterns.items():  # PEFT's rank_pattern rule (lowrank.peft_config.pattern_value)
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
