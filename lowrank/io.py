@@ -158,7 +158,8 @@ def save_adapter(
         for layer_name, layer in layers:
             for key, t in layer_tensors(layer_name, layer, name).items():
                 if not torch.isfinite(t).all():
-                    bad.append(key + ("" if name == DEFAULT else f" (adapter {name!r})"))
+                    where = key.removeprefix("base_model.model.").removesuffix(".weight")
+                    bad.append(where + ("" if name == DEFAULT else f" (adapter {name!r})"))
                 tensors[key] = t
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")

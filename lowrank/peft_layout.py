@@ -161,8 +161,8 @@ def check_base_weights(model: nn.Module, base: dict[str, torch.Tensor], adapted:
             shape = None if weight is None else tuple(weight.shape)
             raise ValueError(
                 f"{where}: {name}.base_layer.weight (PEFT's save_embedding_layers copy, shape {tuple(t.shape)}) "
-                f"differs from the model's {name} weight (shape {shape}): the adapter was trained on another base (resized "
-                "or retrained vocabulary?); lowrank loads adapters only, not new base weights"
+                f"differs from the model's {name} weight (shape {shape}): the adapter was trained on another base "
+                "(resized or retrained vocabulary?); lowrank loads adapters only, not new base weights"
             )
 
 

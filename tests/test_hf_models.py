@@ -109,12 +109,13 @@ def test_all_linear_skips_the_head_unless_named():
     lowrank.inject(model, "all-linear", r=2)
     names = [n for n, _ in lowrank.lora_layers(model)]
     assert len(names) == 2 * 7 and "lm_head" not in names  # q k v o gate up down per layer
-    model = gpt2()  # tied head: adapting it must not write into the input embedding
+    model = gpt2()  # tied head: merging would write into the input embedding or untie them: refused (lowrank.tied)
     wte = model.transformer.wte.weight.detach().clone()
     lowrank.inject(model, ["lm_head"])
     randomise_b(model)
-    lowrank.merge(model)
-    assert torch.equal(model.transformer.wte.weight, wte)
+    with pytest.raises(ValueError, match=r"lm_head: its weight is the same Parameter as \['transformer.wte.weight'\]"):
+        lowrank.merge(model)
+    assert torch.equal(model.transformer.wte.weight, wte) and not model.lm_head.merged
     lowrank.eject(model)
     assert model.lm_head.weight is model.transformer.wte.weight
 

@@ -76,7 +76,9 @@ def test_file_layout_keys_and_config(tmp_path, base):
         "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "use_rslora": False,
         "fan_in_fan_out": False,
     }  # fmt: skip
-    assert config["target_modules"] == TARGETS and config["bias"] == "none"
+    # One regex PEFT full-matches (a list entry would be a suffix): it selects exactly the adapted layers.
+    selected = [n for n, _ in base.named_modules() if n and re.fullmatch(config["target_modules"], n)]
+    assert selected == TARGETS and config["bias"] == "none"
     assert config["base_model_name_or_path"] == "org/tiny"
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["use_dora"] is False
 

@@ -101,7 +101,7 @@ BAD_INPUTS = {
     ),
     "foreign-tensor": (
         edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_magnitude_vector", torch.ones(20))),
-        ValueError, "['base_model.model.blocks.0.up.lora_magnitude_vector'] are not LoRA weights",
+        ValueError, "['base_model.model.blocks.0.up.lora_magnitude_vector'] cannot be loaded: DoRA magnitude vectors",
     ),
     "missing-tensor": (edit_tensors(lambda t: t.pop(B1)), ValueError, "missing tensors ['blocks.1.down.lora_B']"),
     "shape-vs-module": (
