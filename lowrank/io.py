@@ -55,6 +55,7 @@ from .peft_layout import (
     plan_experts_load,
     split_tensors,
 )
+from .tied import check_merge_keeps_ties
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
@@ -197,6 +198,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
         The file written.
     """
     _check_not_bare_layer(model)
+    check_merge_keeps_ties(model)  # a merged export of one side of a tied pair is not a tied model
     dest = Path(path)
     if dest.is_dir():
         dest = dest / MERGED_NAME
