@@ -202,7 +202,8 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     for layer_name, layer in layers:
         variants = [n for n in named if n in layer.adapters and not layer.adapters[n].mixable]
         if variants:
-            raise ValueError(f"mixed_batch supports plain LoRA adapters; {variants} in {layer_name} are variants")
+            kind = type(layer.adapters[variants[0]]).__name__  # a variant (DoRA) or an MoE experts adapter
+            raise ValueError(f"mixed_batch supports plain LoRA adapters; {variants} in {layer_name} are {kind}")
     previous = [(layer, layer.active) for _, layer in layers]
     flags = [(p, p.requires_grad) for _, layer in layers for p in layer.adapters.parameters()]
     mix = MixedBatch(names, {id(layer): name for name, layer in layers})
