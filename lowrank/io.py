@@ -45,6 +45,7 @@ from .base import follows_protocol
 from .inject import eject, inject
 from .lora import DEFAULT, LoRALayer
 from .lora_embedding import LoRAEmbedding
+from .lora_experts import LoRAExperts
 from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
 from .peft_layout import (
     check_base_weights,
@@ -203,10 +204,14 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     if dest.is_dir():
         dest = dest / MERGED_NAME
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         # Each dense weight goes to the CPU as soon as it is built: a 4-bit model must not need its whole dense
         # size on the accelerator to be exported.
         for name, layer in lora_layers(model):
+            if isinstance(layer, LoRAExperts):  # several 3-D weights, each in the module's own layout
+                experts[name] = {p: w.cpu() for p, w in layer.merged_params().items()}
+                continue
             weight = layer.merged_weight().cpu()  # (out, in)
             conv1d_layout = layer.fan_in_fan_out or _from_conv1d(layer.base)  # Conv1D stores (in, out)
             dense[name] = (weight.T if conv1d_layout else weight, layer.base.bias)
@@ -216,7 +221,10 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
                 weight = module.dense_weight(module.dense_dtype).cpu()
                 dense[name] = (weight.T if _from_conv1d(module) else weight, module.bias)
     prefixes = tuple(name + "." for name in dense)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    adapter_keys = tuple(f"{name}.lora_" for name in experts)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes + adapter_keys)}
+    for name, params in experts.items():
+        state.update({f"{name}.{p}": w for p, w in params.items()})
     for name, (weight, bias) in dense.items():
         state[f"{name}.weight"] = weight
         if bias is not None:  # a dense layer keeps weight and bias in one dtype (NF4: the compute dtype)

@@ -193,3 +193,12 @@ def test_expert_count_mismatch_with_a_file(tmp_path):
     ):
         lowrank.load_adapter(other, tmp_path)
     assert_unchanged(other, snap)
+
+
+def test_save_merged_writes_the_dense_expert_weights(tmp_path):
+    base = tiny_moe("gpt_oss")
+    model = _randomize(lowrank.inject(copy.deepcopy(base), ["q_proj"], target_parameters=EXPERT_PARAMS, r=2))
+    path = lowrank.save_merged(model, tmp_path / "merged.safetensors")
+    restored = copy.deepcopy(base)
+    restored.load_state_dict(load_file(path), strict=True)
+    torch.testing.assert_close(_logits(restored, ids := _ids()), _logits(model, ids), **F32)
