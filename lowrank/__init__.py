@@ -24,13 +24,18 @@ from .adapters import (
 from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
 from .io import load_adapter, save_adapter, save_merged
 from .lora import LoRALayer, LoRALinear
+from .lora_embedding import LoRAEmbedding
+from .lora_experts import ExpertsAdapter, LoRAExperts
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertsAdapter",
     "LoRAAdapter",
+    "LoRAEmbedding",
+    "LoRAExperts",
     "LoRALayer",
     "LoRALinear",
     "NF4Linear",
