@@ -49,6 +49,7 @@ from .lora_experts import LoRAExperts
 from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
 from .peft_layout import (
     check_base_weights,
+    config_entries,
     explain_key,
     layer_tensors,
     module_features,
@@ -153,7 +154,7 @@ def save_adapter(
     jobs = []
     for name in names:  # build and check every file's content first: nothing is written if any is bad
         layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.adapters]
-        config = build_config([(n, layer.adapters[name]) for n, layer in layers], base_model_name_or_path,
+        config = build_config(config_entries(layers, name), base_model_name_or_path,
                               any(lay.fan_in_fan_out for _, lay in layers if not isinstance(lay, LoRAEmbedding)),
                               [p for n, layer in layers for p in parameter_names(n, layer, name)])  # fmt: skip
         tensors, bad = {}, []
@@ -282,7 +283,9 @@ def _read_tensors(directory: Path, model: nn.Module, cfg: dict):
 
 def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, adapter_name: str) -> list:
     """Check every tensor pair against the model and the config; return [(name, r, alpha)] of the layers to load."""
-    existing = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.adapters}
+    existing = {  # experts layers are checked by plan_experts_load
+        n: lay for n, lay in lora_layers(model) if adapter_name in lay.adapters and not isinstance(lay, LoRAExperts)
+    }
     layers = dict(lora_layers(model))
     modules = dict(model.named_modules())
     if existing:  # adapter_name is in the model: replace its weights, on exactly its layers

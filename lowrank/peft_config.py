@@ -71,8 +71,9 @@ def build_config(
     """PEFT's config for one adapter: ``layers`` is [(qualified layer name, that layer's adapter)].
 
     ``fan_in_fan_out``: some adapted layer is a Conv1D (PEFT decides per layer anyway). ``target_parameters``: the
-    full names of adapted 3-D expert weights; their layers are left out of ``target_modules``, which is a regex
-    matching exactly the other layers (`lowrank.peft_layout.target_modules_regex`).
+    full names of adapted 3-D expert weights (``layers`` lists them as entries of their own, so rank_pattern /
+    alpha_pattern keys are parameter names, as PEFT matches them); ``target_modules`` is a regex matching exactly
+    the other layers (`lowrank.peft_layout.target_modules_regex`).
     """
     rslora = {bool(layer.rslora) for _, layer in layers}
     if len(rslora) > 1:
@@ -98,7 +99,7 @@ def build_config(
         "lora_alpha": _number(alpha),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": target_modules_regex([n for n, _ in layers if not _is_experts(n, target_parameters)]),
+        "target_modules": target_modules_regex([n for n, _ in layers if n not in (target_parameters or ())]),
         "target_parameters": list(target_parameters) if target_parameters else None,
         "exclude_modules": None,
         "lora_dropout": dropouts.most_common(1)[0][0],
@@ -112,10 +113,6 @@ def build_config(
         "layers_pattern": None,
         "inference_mode": True,
     }
-
-
-def _is_experts(name: str, target_parameters) -> bool:
-    return any(p.rpartition(".")[0] == name for p in target_parameters or ())
 
 
 def read_config(directory: Path) -> dict:

@@ -66,6 +66,16 @@ def layer_tensors(layer_name: str, layer, adapter_name: str) -> dict[str, torch.
     return {f"{head}.lora_A.weight": adapter.lora_A, f"{head}.lora_B.weight": adapter.lora_B}
 
 
+def config_entries(layers, adapter_name: str) -> list:
+    """[(name, adapter)] for `build_config`: an experts layer counts once per adapted weight, under the weight's
+    full name (PEFT matches rank_pattern / alpha_pattern keys against ``<module>.<param>`` for target_parameters)."""
+    out = []
+    for name, layer in layers:
+        names = parameter_names(name, layer, adapter_name)
+        out += [(n, layer.adapters[adapter_name]) for n in (names or [name])]
+    return out
+
+
 def parameter_names(layer_name: str, layer, adapter_name: str) -> list[str]:
     """The full names (``<module>.<param>``) of the 3-D weights an experts adapter adapts, for target_parameters."""
     if not isinstance(layer, LoRAExperts):
@@ -122,7 +132,7 @@ def split_tensors(
         module = model.get_submodule(name)
         holder = module.base if isinstance(module, LoRAExperts) else module
         n, fin, fout = weight_features(holder, param)
-        r = r_of(name)
+        r = r_of(f"{name}.{param}")  # PEFT's pattern keys match the parameter's full name
         a, bt = pair["lora_A"], pair["lora_B"]
         if tuple(a.shape) != (n * r, fin) or tuple(bt.shape) != (fout, n * r):
             raise ValueError(
@@ -201,11 +211,12 @@ def plan_experts_load(model: nn.Module, cfg: dict, experts: dict, where, adapter
     if not experts:
         return None, None
     sizes = {}
-    for name, _ in experts:
-        r = _pattern(cfg["rank_pattern"], name, cfg["r"])
-        sizes[name] = (r, _pattern(cfg["alpha_pattern"], name, cfg["lora_alpha"]))
+    for name, param in experts:  # pattern keys match the parameter's full name, as in PEFT
+        full = f"{name}.{param}"
+        r = _pattern(cfg["rank_pattern"], full, cfg["r"])
+        sizes[full] = (r, _pattern(cfg["alpha_pattern"], full, cfg["lora_alpha"]))
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"{where}: experts modules with different r / alpha {sizes} are not supported")
+        raise ValueError(f"{where}: expert weights with different r / alpha {sizes} are not supported")
     r, alpha = next(iter(sizes.values()))
     scale = lora_scale(alpha, r, cfg["use_rslora"])
     params: dict[str, set[str]] = {}

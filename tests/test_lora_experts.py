@@ -143,7 +143,9 @@ def test_peft_target_parameters_file_loads_with_same_logits_and_gradients(tmp_pa
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_our_file_loads_in_peft_with_same_logits(tmp_path, family):
     base = tiny_moe(family)
-    model = lowrank.inject(copy.deepcopy(base), ["v_proj"], target_parameters=EXPERT_PARAMS, r=2, alpha=4)
+    # v_proj gets r=4 through rank_pattern, the experts r=2: the config's patterns must resolve in PEFT too.
+    model = lowrank.inject(copy.deepcopy(base), ["v_proj"], target_parameters=EXPERT_PARAMS, r=2, alpha=4,
+                           rank_pattern={"v_proj": 4})  # fmt: skip
     _randomize(model)
     lowrank.save_adapter(model, tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
@@ -157,6 +159,9 @@ def test_our_file_loads_in_peft_with_same_logits(tmp_path, family):
     torch.testing.assert_close(_logits(theirs, ids := _ids()), _logits(model, ids), **F32)
     again = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
     assert torch.equal(_logits(again, ids), _logits(model, ids))
+    replaced = _randomize(lowrank.load_adapter(copy.deepcopy(base), tmp_path), seed=7)
+    lowrank.load_adapter(replaced, tmp_path)  # same adapter name and layers: only the weights are replaced
+    assert torch.equal(_logits(replaced, ids), _logits(model, ids))
 
 
 def test_all_linear_matches_peft_and_warns_about_experts():
