@@ -252,6 +252,7 @@ def _read_tensors(directory: Path, model: nn.Module, cfg: dict):
         tensors = load_file(str(file))  # checks the header and that the data length matches it
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a valid safetensors file (truncated or another format?): {e}") from None
+
     def r_of(name: str) -> int:
         return pattern_value(cfg["rank_pattern"], name, cfg["r"])
 

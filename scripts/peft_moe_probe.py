@@ -1,4 +1,4 @@
-"""Probe what PEFT (installed version) does on tiny MoE models and embeddings; prints facts for docs/moe_and_embeddings.md.
+"""Probe what PEFT (installed version) does on tiny MoE models and embeddings (facts for docs/moe_and_embeddings.md).
 
 Run: .venv/bin/python scripts/peft_moe_probe.py
 """
@@ -117,7 +117,10 @@ for targets in (["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]):
             emb.lora_embedding_B["default"].std().item(),
         )
     base = pm.get_base_model()
-    unwrap = lambda m: m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+    def unwrap(m):
+        return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
     ids = torch.arange(8)[None]
     with torch.no_grad():  # a non-zero update, so merging shows whether the head sees it
         for layer in pm.modules():

@@ -13,7 +13,8 @@ from torch import nn
 
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-_COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+_COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 2,
                "max_position_embeddings": 64}  # fmt: skip
 
 
