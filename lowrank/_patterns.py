@@ -201,8 +201,7 @@ def _check(pattern: str, what: str) -> None:
 def check_pattern(pattern: str, what: str = "pattern") -> None:
     """Raise ``PatternError`` now if ``pattern`` (a rank_pattern key) would be refused when matched."""
     _check(pattern, what)
-    if not _PLAIN.fullmatch(pattern):
-        _matcher(rf"(.*\.)?({pattern})$")
+    key_matches(pattern, "")
 
 
 def key_matches(key: str, name: str) -> bool:
@@ -211,7 +210,10 @@ def key_matches(key: str, name: str) -> bool:
     if _PLAIN.fullmatch(key):  # fixed length: it must end the name, after a '.' or as the whole name
         p = len(name) - len(key)
         return p >= 0 and (p == 0 or name[p - 1] == ".") and _wild_equal(key, name[p:]) and "\n" not in name
-    return _matcher(rf"(.*\.)?({key})$").run(name, full=False)
+    try:
+        return _matcher(rf"(.*\.)?({key})$").run(name, full=False)
+    except PatternError as e:  # name the key the file holds, not the pattern PEFT's rule builds around it
+        raise PatternError(str(e).replace(repr(rf"(.*\.)?({key})$"), f"pattern key {key!r}")) from None
 
 
 def pattern_value(patterns: dict, name: str, default):

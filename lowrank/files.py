@@ -184,6 +184,23 @@ def write_tensors_file(dest: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return dest
 
 
+def read_tensor(reader: _safetensors.SafetensorsReader, key: str, dtype: torch.dtype, label: str | None = None):
+    """Read tensor ``key`` and cast it to ``dtype``; refuse a non-floating tensor or one not finite after the cast.
+
+    Finiteness is checked on the cast result: 70000.0 is finite in float32 but inf in float16 (max 65504), and a
+    float64 1e39 is inf in float32. ``label`` names the tensor in errors (default: ``key``).
+    """
+    entry, label = reader.entries[key], label or key
+    if not entry.dtype.is_floating_point:
+        raise ValueError(f"{reader.path}: {label} has dtype {entry.dtype}; LoRA weights must be floating point")
+    t = reader.read(key).to(dtype)
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{reader.path}: {label} holds {bad} value(s) that are NaN or inf in {dtype} (the file "
+                         f"stores {entry.dtype}; a float16 adapter holds |x| <= 65504)")  # fmt: skip
+    return t
+
+
 def check_folder(path: str | os.PathLike) -> Path:
     """The adapter folder ``path``, or FileNotFoundError / NotADirectoryError saying what it is instead."""
     directory = Path(path)

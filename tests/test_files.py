@@ -332,3 +332,21 @@ def test_quantize_rolls_back_on_a_late_failure(monkeypatch):
         lowrank.quantize(model, targets=[str(i) for i in range(6)])
     assert_unchanged(model, snap)
     assert all(type(m) is nn.Linear for m in model)
+
+
+@pytest.mark.parametrize(
+    "stored, dtype, match",
+    [
+        (torch.tensor([1.0, 70000.0]), torch.float16, "holds 1 value\\(s\\) that are NaN or inf in torch.float16"),
+        (torch.tensor([1e39, -1e39, 1.0], dtype=torch.float64), torch.float32, "holds 2 value\\(s\\)"),
+        (torch.tensor([1.0, float("nan")]), torch.float32, "holds 1 value"),
+        (torch.tensor([1, 2]), torch.float32, "has dtype torch.int64; LoRA weights must be floating point"),
+    ],
+)
+def test_finiteness_is_checked_after_the_cast(tmp_path, stored, dtype, match):
+    files.write_adapter(tmp_path, {"w": stored}, {})
+    with files.open_adapter(tmp_path) as (_, reader), pytest.raises(ValueError, match=f"adapter_model.*: w {match}"):
+        files.read_tensor(reader, "w", dtype)
+    if stored.is_floating_point() and stored.isfinite().all():  # finite values, read in their own dtype: accepted
+        with files.open_adapter(tmp_path) as (_, reader):
+            assert torch.equal(files.read_tensor(reader, "w", stored.dtype), stored)
