@@ -211,9 +211,12 @@ def key_matches(key: str, name: str) -> bool:
         p = len(name) - len(key)
         return p >= 0 and (p == 0 or name[p - 1] == ".") and _wild_equal(key, name[p:]) and "\n" not in name
     try:
+        _sre.parse(key)  # a syntax error is reported at its position in the key, not in PEFT's wrapper
         return _matcher(rf"(.*\.)?({key})$").run(name, full=False)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise PatternError(f"key {key!r} is not a valid regular expression: {e}") from None
     except PatternError as e:  # name the key the file holds, not the pattern PEFT's rule builds around it
-        raise PatternError(str(e).replace(repr(rf"(.*\.)?({key})$"), f"pattern key {key!r}")) from None
+        raise PatternError(str(e).replace(repr(rf"(.*\.)?({key})$"), f"key {key!r}")) from None
 
 
 def pattern_value(patterns: dict, name: str, default):

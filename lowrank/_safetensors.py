@@ -96,7 +96,7 @@ class SafetensorsReader:
             raise
 
     def _parse(self, max_header_bytes: int, max_tensors: int) -> None:
-        where = f"{self.path} (safetensors header)"
+        where = f"{self.path} is not a valid safetensors file (truncated or another format?)"
         size = os.fstat(self._file.fileno()).st_size
         head = self._file.read(8)
         if len(head) < 8:

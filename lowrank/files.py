@@ -59,6 +59,8 @@ def config_text(config: dict) -> str:
 
 def _named(e: OSError, what: str, path: os.PathLike | str) -> OSError:
     """The same kind of OSError (errno kept: PermissionError stays PermissionError), naming the path."""
+    if e.errno is None:  # raised without an errno (e.g. OSError("disk full")): keep its message
+        return OSError(f"cannot {what} {path}: {e}")
     return OSError(e.errno, f"cannot {what} {path}: {e.strerror or e}", str(path))
 
 
@@ -193,11 +195,16 @@ def read_tensor(reader: _safetensors.SafetensorsReader, key: str, dtype: torch.d
     entry, label = reader.entries[key], label or key
     if not entry.dtype.is_floating_point:
         raise ValueError(f"{reader.path}: {label} has dtype {entry.dtype}; LoRA weights must be floating point")
-    t = reader.read(key).to(dtype)
+    stored = reader.read(key)
+    t = stored.to(dtype)
     if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{reader.path}: {label} holds {bad} value(s) that are NaN or inf in {dtype} (the file "
-                         f"stores {entry.dtype}; a float16 adapter holds |x| <= 65504)")  # fmt: skip
+        if bool(torch.isfinite(stored).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            wide, narrow = str(entry.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+            raise ValueError(f"{reader.path}: {label} holds {bad} value(s) beyond the {narrow} range (finite in the "
+                             f"file's {wide}, inf once cast to the adapter's {narrow})")  # fmt: skip
+        bad = int((~torch.isfinite(stored)).sum())
+        raise ValueError(f"{reader.path}: {label} holds NaN or inf ({bad} value(s))")
     return t
 
 
@@ -205,19 +212,23 @@ def check_folder(path: str | os.PathLike) -> Path:
     """The adapter folder ``path``, or FileNotFoundError / NotADirectoryError saying what it is instead."""
     directory = Path(path)
     if directory.is_file():
-        hint = f" (pass its folder, {directory.parent})" if directory.name in (WEIGHTS_NAME, CONFIG_NAME) else ""
-        raise NotADirectoryError(f"{directory} is a file, not an adapter folder{hint}")
+        hint = f" (pass its directory, {directory.parent})" if directory.name in (WEIGHTS_NAME, CONFIG_NAME) else ""
+        raise NotADirectoryError(f"{directory} is a file, not an adapter directory{hint}")
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter folder {directory} does not exist")
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
     return directory
 
 
 @contextlib.contextmanager
-def open_adapter(path: str | os.PathLike, **limits) -> Iterator[tuple[dict, _safetensors.SafetensorsReader]]:
+def open_adapter(
+    path: str | os.PathLike, validate: Callable[[object], None] | None = None, **limits
+) -> Iterator[tuple[dict, _safetensors.SafetensorsReader]]:
     """Read an adapter folder as one consistent pair: yields (config dict, open weights reader).
 
     Only the headers are read: the caller checks names and shapes, then ``reader.read(name)`` the tensors it
-    uses. ``limits`` go to ``SafetensorsReader`` (``max_header_bytes``, ``max_tensors``).
+    uses. ``validate(config)`` runs before the two copies of the config are compared, so a bad field is reported
+    as itself rather than as a mismatch. ``limits`` go to ``SafetensorsReader`` (``max_header_bytes``,
+    ``max_tensors``).
 
     Raises:
         FileNotFoundError / NotADirectoryError: no such folder, a file instead, or a missing file (named).
@@ -236,6 +247,8 @@ def open_adapter(path: str | os.PathLike, **limits) -> Iterator[tuple[dict, _saf
         config = _strict_json.load_file(config_file)
         reader = _safetensors.SafetensorsReader(weights_file, **limits)  # the open file pins these weights
     with reader:
+        if validate is not None:
+            validate(config)
         bound = reader.metadata.get(CONFIG_KEY)
         if bound is not None and isinstance(config, dict):
             saved = _strict_json.loads(bound, f"{weights_file} (metadata {CONFIG_KEY})")
