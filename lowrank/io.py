@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import _safetensors
 from . import files as _files
 from ._match import layer_kind, linear_features
 from .adapter import check_adapter_name, lora_scale
@@ -209,9 +210,7 @@ def _read_entries(reader, file: Path) -> dict[str, dict[str, object]]:
             continue
         part = pairs.setdefault(m["name"], {})
         if m["part"] in part:  # "X.lora_A.weight" and "X.lora_A.default.weight": which one would PEFT load?
-            raise ValueError(
-                f"{file}: {m['name']}.{m['part']} is stored twice: {part[m['part']].name!r} and {key!r}"
-            )
+            raise ValueError(f"{file}: {m['name']}.{m['part']} is stored twice: {part[m['part']].name!r} and {key!r}")
         part[m["part"]] = entry
     if unknown:
         raise ValueError(
@@ -325,8 +324,12 @@ def load_adapter(
     """
     check_adapter_name(adapter_name)
     directory = _files.check_folder(path)
-    cfgs = []  # read_config validates the fields before the two copies of the config are compared
-    with _files.open_adapter(directory, lambda raw: cfgs.append(read_config(directory, raw))) as (_, reader):
+    cfgs, limits = [], {}  # read_config validates the fields before the two copies of the config are compared
+    if strict:  # every tensor must name a module (lora_A, lora_B): a longer header is refused before it is parsed
+        n = 2 * sum(1 for _ in model.named_modules())
+        limits = {"max_tensors": n, "max_header_bytes": min(_safetensors.MAX_HEADER_BYTES, 4096 * n + (1 << 20))}
+    check = lambda raw: cfgs.append(read_config(directory, raw))  # noqa: E731
+    with _files.open_adapter(directory, check, **limits) as (_, reader):
         cfg = cfgs[0]  # config and weights of one save; only the headers read so far
         pairs = _read_entries(reader, directory / WEIGHTS_NAME)
         plan = _plan(model, cfg, pairs, strict, directory, adapter_name)
