@@ -237,6 +237,9 @@ def open_adapter(
     directory = check_folder(path)
     config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     with _locked(directory, exclusive=False):  # both files from one save: a concurrent save waits for us
+        for f in (config_file, weights_file):  # a FIFO or device would block or never end: regular files only
+            if f.exists() and not f.is_file():
+                raise ValueError(f"{f} is not a regular file")
         if not config_file.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in adapter folder {directory}")
         if not weights_file.is_file():

@@ -116,7 +116,13 @@ def test_crash_at_every_step_loads_old_or_new_or_refuses(tmp_path):
         assert _load(tmp_path) == 3
         assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
                                                               "adapter_model.safetensors"]  # fmt: skip
-    assert _child(lambda: (_Steps(crash_at=99), _save(tmp_path, 2))) == 0  # 5 steps: the list above is complete
+
+    def count():
+        steps = _Steps()
+        _save(tmp_path, 2)
+        os._exit(steps.count)
+
+    assert _child(count) == len(expected)  # a whole save has exactly these steps: the list above is complete
 
 
 def test_kill_at_random_moments(tmp_path):
@@ -368,3 +374,11 @@ def test_merge_rolls_back_on_a_late_failure(monkeypatch):
         lowrank.merge(model)
     assert_unchanged(model, snap)
     assert not any(layer.merged for layer in layers)
+
+
+def test_fifo_in_place_of_a_file_is_refused_not_waited_on(saved):
+    # open() on a FIFO blocks until a writer comes: a load must refuse it instead.
+    (saved / files.CONFIG_NAME).unlink()
+    os.mkfifo(saved / files.CONFIG_NAME)
+    with pytest.raises(ValueError, match="adapter_config.json is not a regular file"):
+        lowrank.load_adapter(Tiny(), saved)

@@ -280,7 +280,9 @@ def test_unwritable_folder_raises_oserror_naming_it(tmp_path, monkeypatch):
 
 def test_file_instead_of_folder(tmp_path):
     files.write_adapter(tmp_path, {"t": torch.ones(1)}, {})
-    with pytest.raises(NotADirectoryError, match=r"adapter_model.safetensors is a file, not an adapter directory \(pass"):
+    with pytest.raises(
+        NotADirectoryError, match=r"adapter_model.safetensors is a file, not an adapter directory \(pass"
+    ):
         files.check_folder(tmp_path / "adapter_model.safetensors")
     with pytest.raises(FileNotFoundError, match="adapter directory .*nope does not exist"):
         files.check_folder(tmp_path / "nope")
@@ -337,9 +339,17 @@ def test_quantize_rolls_back_on_a_late_failure(monkeypatch):
 @pytest.mark.parametrize(
     "stored, dtype, match",
     [
-        (torch.tensor([1.0, 70000.0]), torch.float16, r"holds 1 value\(s\) beyond the float16 range \(finite in the "
-         "file's float32"),
-        (torch.tensor([1e39, -1e39, 1.0], dtype=torch.float64), torch.float32, r"holds 2 value\(s\) beyond the float32"),
+        (
+            torch.tensor([1.0, 70000.0]),
+            torch.float16,
+            r"holds 1 value\(s\) beyond the float16 range \(finite in the "
+            "file's float32",
+        ),
+        (
+            torch.tensor([1e39, -1e39, 1.0], dtype=torch.float64),
+            torch.float32,
+            r"holds 2 value\(s\) beyond the float32",
+        ),
         (torch.tensor([1.0, float("nan")]), torch.float32, r"holds NaN or inf \(1 value\(s\)\)"),
         (torch.tensor([1, 2]), torch.float32, "has dtype torch.int64; LoRA weights must be floating point"),
     ],

@@ -63,7 +63,8 @@ def test_file_layout_keys_and_config(tmp_path, base):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         # The config is bound to the weights (lowrank/files.py): a copy of its text in the safetensors metadata.
-        assert f.metadata() == {"format": "pt", "lowrank.adapter_config": (tmp_path / "adapter_config.json").read_text()}
+        config = (tmp_path / "adapter_config.json").read_text()
+        assert f.metadata() == {"format": "pt", "lowrank.adapter_config": config}
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     expected_keys = {f"base_model.model.{t}.lora_{p}.weight" for t in TARGETS for p in "AB"}
     assert set(tensors) == expected_keys
