@@ -268,3 +268,25 @@ def test_peft_multi_adapter_files_load_in_lowrank(tmp_path):
             torch.testing.assert_close(
                 ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5
             )  # float32 both, same formula: summation order apart
+
+
+def test_save_layouts_and_folder_clash(tmp_path):
+    model = three_adapters(toy())
+    lowrank.save_adapter(model, tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "b", "c"]  # fmt: skip
+    lowrank.save_adapter(model, tmp_path / "only_b", "b")  # one adapter: at the path itself
+    assert sorted(p.name for p in (tmp_path / "only_b").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = toy()
+    for name, folder in (("default", "all"), ("b", "all/b"), ("c", "all/c")):
+        lowrank.load_adapter(fresh, tmp_path / folder, adapter_name=name)
+    x = torch.randn(3, 10)
+    for names in (["default"], ["b"], ["c"], ["b", "c"]):
+        lowrank.set_adapter(fresh, names)
+        lowrank.set_adapter(model, names)
+        assert torch.equal(fresh(x), model(x))
+    clash = three_adapters(toy())
+    lowrank.inject(clash, ["2"], adapter_name="B")
+    with pytest.raises(ValueError, match=r"adapters \['b', 'B'\] would be saved into one folder"):
+        lowrank.save_adapter(clash, tmp_path / "clash")
+    assert not (tmp_path / "clash").exists()  # checked before anything was written
