@@ -285,7 +285,9 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, a
     if not plan:
         raise ValueError(f"{where}: no tensor matches a module of the model (strict=False skipped {unmatched[:8]})")
     if unmatched:
-        warnings.warn(f"load_adapter(strict=False) skipped tensors for {unmatched[:8]} (no such adapted module)")
+        warnings.warn(
+            f"load_adapter(strict=False) skipped tensors for {unmatched[:8]} (no such adapted module)", stacklevel=3
+        )
     return plan
 
 

@@ -72,14 +72,13 @@ def build_config(
     alpha = Counter(float(layer.alpha) for _, layer in layers).most_common(1)[0][0]
     dropouts = Counter(float(layer.dropout_p) for _, layer in layers)
     if len(dropouts) > 1:
-        warnings.warn(f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common")
+        warnings.warn(
+            f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common", stacklevel=3
+        )
     rank_pattern = {name: int(layer.r) for name, layer in layers if layer.r != r}
     alpha_pattern = {name: _number(layer.alpha) for name, layer in layers if float(layer.alpha) != alpha}
     for name, layer in layers:  # the pattern keys are regexes to PEFT: make sure each resolves to its own layer
-        if (
-            pattern_value(rank_pattern, name, r) != layer.r
-            or pattern_value(alpha_pattern, name, alpha) != layer.alpha
-        ):
+        if pattern_value(rank_pattern, name, r) != layer.r or pattern_value(alpha_pattern, name, alpha) != layer.alpha:
             raise ValueError(f"cannot express the rank/alpha of {name!r} with PEFT's rank_pattern/alpha_pattern")
     return {
         "peft_type": "LORA",

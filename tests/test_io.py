@@ -14,12 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
-
-import lowrank
-import lowrank.io as lio
 from _helpers import assert_unchanged, snapshot
 from _io_models import (
     F32_TOL,
@@ -31,6 +25,11 @@ from _io_models import (
     randomize,
     reference_forward,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+import lowrank
 
 
 @pytest.fixture

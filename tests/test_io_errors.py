@@ -8,12 +8,12 @@ import re
 
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot
+from _io_models import TARGETS, Tiny, adapted, randomize
 from safetensors.torch import load_file, save_file
 
 import lowrank
 import lowrank.io as lio
-from _helpers import assert_unchanged, snapshot
-from _io_models import TARGETS, Tiny, adapted, randomize
 
 
 @pytest.fixture
