@@ -196,14 +196,26 @@ def merge(model: nn.Module) -> nn.Module:
 
     While merged the forward costs what the base does, but the adapters cannot be trained: a forward in training
     mode with gradients enabled raises (eval mode or ``torch.no_grad()`` is fine). Merging is never a side effect
-    of ``model.eval()``. Raises RuntimeError during a mixed batch.
+    of ``model.eval()``. Raises RuntimeError during a mixed batch, ValueError for a layer with weights on the
+    meta device. All or nothing: every layer is checked first, and a failure while merging (out of memory, a
+    device mismatch) unmerges the layers merged so far (exactly: `unmerge` restores the kept originals).
     """
-    for _, layer in lora_layers(model):
+    for name, layer in lora_layers(model):
         if layer.mixed is not None:
             raise RuntimeError("cannot merge while lowrank.mixed_batch is active (each row has its own adapter)")
-    check_merge_keeps_ties(model)
-    for _, layer in lora_layers(model):
-        layer.merge()
+        if not layer.merged and any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
+            raise ValueError(f"{name} has weights on the meta device: load them before merging")
+    check_merge_keeps_ties(model)  # before any layer is merged: see lowrank.tied
+    done = []
+    try:
+        for _, layer in lora_layers(model):
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
     return model
 
 

@@ -16,74 +16,56 @@ two files:
   (it flips the flag for an nn.Linear or Conv1D that disagrees, with a warning), so a model that mixes both loads
   correctly in PEFT, and lowrank ignores the flag when reading. Built and validated in ``peft_config.py``.
 
-Writes are atomic per file: each file is written to a temporary name in the same directory, flushed to disk and
-renamed over the destination (``os.replace``), weights first, config last. A crash leaves each file either complete
-old or complete new, and a fresh directory without a config (which ``load_adapter`` rejects). We do not swap whole
-directories because users keep other files next to the adapter (README, tokenizer) and PEFT writes in place too.
+Each adapter folder changes as a whole (``lowrank/files.py``): both files are written to temporary siblings and
+renamed into place under a folder lock, and the weights file carries a copy of the config, so a load after any
+crash or concurrent save gives one complete adapter or a clear error, never new weights with an old alpha. Loads
+check the safetensors header (names, shapes, dtypes, offsets) against the model before reading any tensor data,
+read only the tensors they use, and check finiteness after the cast to the adapter's dtype. Saving several
+adapters writes one folder after another: each folder is whole, the set is not.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from . import _safetensors
+from . import files as _files
 from ._match import layer_kind
 from .adapter import check_adapter_name, lora_scale
 from .adapters import adapter_names, delete_adapter, lora_layers
 from .base import follows_protocol
+from .files import WEIGHTS_NAME
 from .inject import eject, inject
 from .lora import DEFAULT, LoRALayer
 from .lora_embedding import LoRAEmbedding
 from .lora_experts import LoRAExperts
-from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
+from .peft_config import build_config, pattern_value, read_config
 from .peft_layout import (
     check_base_weights,
     config_entries,
     explain_key,
     layer_tensors,
+    match_adapter_key,
     module_features,
     parameter_names,
     plan_experts_load,
+    special_keys,
     split_tensors,
 )
 from .tied import check_merge_keeps_ties
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
 _PARTS = ("lora_A", "lora_B")
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
 
 # ---------------------------------------------------------------------------------------------------- writing
-
-
-def _atomic_write(dest: Path, write: Callable[[str], None]) -> None:
-    """Write ``dest`` through a temporary file in the same directory, fsync it, then rename it into place."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same filesystem: rename is atomic
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX; Windows cannot open directories)
-        fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,8 +116,10 @@ def save_adapter(
 
     Raises:
         ValueError: no adapters (or a bare LoRALinear), an unknown name, an adapter holding NaN/inf, layers of one
-            adapter mixing rsLoRA and plain LoRA, or two adapters whose folders would coincide. Everything is
-            checked before anything is written.
+            adapter mixing rsLoRA and plain LoRA, two adapters whose folders would coincide, or a config field
+            that JSON cannot hold (e.g. ``base_model_name_or_path``). Everything is checked before anything is
+            written.
+        OSError: a folder or file cannot be written (the message names it; that folder keeps its old adapter).
     """
     _check_not_bare_layer(model)
     known = adapter_names(model)
@@ -166,11 +150,10 @@ def save_adapter(
                 tensors[key] = t
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
-        jobs.append((folders[name], _cpu_tensors(tensors), json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    for folder, tensors, text in jobs:
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
+        _files.config_text(config)  # an unserialisable field fails here, before any folder is written
+        jobs.append((folders[name], _cpu_tensors(tensors), config))
+    for folder, tensors, config in jobs:
+        _files.write_adapter(folder, tensors, config)
     return directory
 
 
@@ -230,56 +213,46 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
         state[f"{name}.weight"] = weight
         if bias is not None:  # a dense layer keeps weight and bias in one dtype (NF4: the compute dtype)
             state[f"{name}.bias"] = bias.detach().to(weight.dtype)
-    state = _cpu_tensors(state)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(dest, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _files.write_tensors_file(dest, _cpu_tensors(state))
     return dest
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _read_tensors(directory: Path, model: nn.Module, cfg: dict):
-    """adapter_model.safetensors -> ({module name: {"lora_A": A, "lora_B": B}}, {(experts module, param): {...}},
-    {module name: stored base weight}), keys and tensors validated (see `lowrank.peft_layout.split_tensors`)."""
-    file = directory / WEIGHTS_NAME
-    if not file.is_file():
-        hint = ""
-        if (directory / "adapter_model.bin").exists():
-            hint = " (found adapter_model.bin: pickled adapters are not loaded, convert them to safetensors)"
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{hint}")
-    try:
-        tensors = load_file(str(file))  # checks the header and that the data length matches it
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file} is not a valid safetensors file (truncated or another format?): {e}") from None
+def _read_entries(reader, file: Path, skip=frozenset()) -> dict[str, dict[str, object]]:
+    """The header of adapter_model.safetensors -> {module name: {"lora_A": entry, "lora_B": entry}}, checked.
 
-    def r_of(name: str) -> int:
-        return pattern_value(cfg["rank_pattern"], name, cfg["r"])
-
-    tensors, experts, base = split_tensors(model, tensors, cfg["target_parameters"], r_of, file)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    Entries (``lowrank._safetensors.Entry``: key, dtype, shape) come from the header alone: no tensor data is read.
+    Keys in ``skip`` (experts and stored base weights, `lowrank.peft_layout.special_keys`) are left to the caller;
+    embedding keys (``lora_embedding_A``) count as the linear layout.
+    """
+    pairs: dict[str, dict[str, object]] = {}
     unknown = []
-    for key, t in tensors.items():
-        m = _KEY.fullmatch(key)
+    for key, entry in reader.entries.items():
+        if key in skip:
+            continue
+        m = _KEY.fullmatch(key) or match_adapter_key(key)
         if m is None:
             unknown.append(key)
             continue
-        pairs.setdefault(m["name"], {})[m["part"]] = t
+        part = pairs.setdefault(m["name"], {})
+        if m["part"] in part:  # "X.lora_A.weight" and "X.lora_A.default.weight": which one would PEFT load?
+            raise ValueError(f"{file}: {m['name']}.{m['part']} is stored twice: {part[m['part']].name!r} and {key!r}")
+        part[m["part"]] = entry
     if unknown:
         reasons = sorted({explain_key(k) for k in unknown})
         raise ValueError(f"{file}: tensors {sorted(unknown)[:8]} cannot be loaded: {'; '.join(reasons)}")
-    if not pairs and not experts:
+    if not pairs and not skip:
         raise ValueError(f"{file} holds no LoRA tensors")
     missing = [f"{name}.{part}" for name, p in pairs.items() for part in _PARTS if part not in p]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing} (each adapted module needs both lora_A and lora_B)")
-    for name, p in [*pairs.items(), *((f"{n}.{q}", v) for (n, q), v in experts.items())]:
-        for part, t in p.items():
-            if not t.is_floating_point():
-                raise ValueError(f"{file}: {name}.{part} has dtype {t.dtype}; LoRA weights must be floating point")
-            if not torch.isfinite(t.float()).all():  # float(): also catches float64 values that overflow float32
-                raise ValueError(f"{file}: {name}.{part} holds NaN or inf (or values beyond the float32 range)")
-    return pairs, experts, base
+    for name, p in pairs.items():
+        for part, entry in p.items():
+            if not entry.dtype.is_floating_point:
+                raise ValueError(f"{file}: {name}.{part} has dtype {entry.dtype}; LoRA weights must be floating point")
+    return pairs
 
 
 def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, adapter_name: str) -> list:
@@ -339,7 +312,9 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, a
     if not plan:
         raise ValueError(f"{where}: no tensor matches a module of the model (strict=False skipped {unmatched[:8]})")
     if unmatched:
-        warnings.warn(f"load_adapter(strict=False) skipped tensors for {unmatched[:8]} (no such adapted module)")
+        warnings.warn(
+            f"load_adapter(strict=False) skipped tensors for {unmatched[:8]} (no such adapted module)", stacklevel=3
+        )
     return plan
 
 
@@ -357,8 +332,9 @@ def load_adapter(
     (float32). Fields PEFT writes that only select targets or initialise weights are ignored; features that
     change the forward (DoRA, lora_bias, bias != "none", modules_to_save, ...) are refused.
 
-    Everything (files, JSON, fields, tensor names, shapes, dtypes, finiteness) is checked before the model is
-    touched: on any error the model is exactly as it was.
+    Everything (files, JSON, fields, tensor names, shapes, dtypes, finiteness after the cast) is checked before
+    the model is touched: on any error the model is exactly as it was. Names and shapes are checked from the
+    safetensors header before any tensor data is read, and only the tensors loaded are read.
 
     Args:
         model: the base model (plain, quantized with ``lowrank.quantize``, or already adapted).
@@ -371,18 +347,39 @@ def load_adapter(
         ``model``, with the adapter loaded (y = base(x) + scale * dropout(x) A^T B^T per adapted layer).
 
     Raises:
-        FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: anything else that is wrong with the files or does not fit the model (the message says what).
+        FileNotFoundError: the directory or one of its two files is missing. NotADirectoryError: ``path`` is a file.
+        ValueError: anything else that is wrong with the files or does not fit the model (the message says what),
+            including config and weights from two different saves (an interrupted or concurrent save).
     """
     check_adapter_name(adapter_name)
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    cfg = read_config(directory)
-    pairs, experts, base = _read_tensors(directory, model, cfg)
-    plan = _plan(model, cfg, pairs, strict, directory, adapter_name) if pairs else []
-    experts_r, experts_alpha = plan_experts_load(model, cfg, experts, directory, adapter_name)
-    check_base_weights(model, base, {name for name, _, _ in plan}, directory)
+    directory = _files.check_folder(path)
+    cfgs, limits = [], {}  # read_config validates the fields before the two copies of the config are compared
+    if strict:  # every tensor must name a module (lora_A, lora_B): a longer header is refused before it is parsed
+        n = 2 * sum(1 for _ in model.named_modules())
+        limits = {"max_tensors": n, "max_header_bytes": min(_safetensors.MAX_HEADER_BYTES, 4096 * n + (1 << 20))}
+    check = lambda raw: cfgs.append(read_config(directory, raw))  # noqa: E731
+    with _files.open_adapter(directory, check, **limits) as (_, reader):
+        cfg = cfgs[0]  # config and weights of one save; only the headers read so far
+        special = special_keys(model, reader.entries, cfg["target_parameters"])
+        pairs = _read_entries(reader, directory / WEIGHTS_NAME, skip=special)
+        plan = _plan(model, cfg, pairs, strict, directory, adapter_name) if pairs else []
+        # Experts (float32, as inject builds them) and stored base weights (their own dtype) are read whole.
+        raw = {k: _files.read_tensor(reader, k, special[k] or reader.entries[k].dtype) for k in special}
+
+        def r_of(name: str) -> int:
+            return pattern_value(cfg["rank_pattern"], name, cfg["r"])
+
+        _, experts, base = split_tensors(model, raw, cfg["target_parameters"], r_of, directory / WEIGHTS_NAME)
+        experts_r, experts_alpha = plan_experts_load(model, cfg, experts, directory, adapter_name)
+        check_base_weights(model, base, {name for name, _, _ in plan}, directory)
+        layers = dict(lora_layers(model))
+        tensors = {}  # only the planned tensors are read, each cast to the dtype it will have in the model
+        for name, _, _ in plan:
+            known = name in layers and adapter_name in layers[name].adapters
+            have = layers[name].adapters[adapter_name] if known else None
+            for part in _PARTS:
+                dtype = torch.float32 if have is None else getattr(have, part).dtype  # inject's adapter_dtype
+                tensors[name, part] = _files.read_tensor(reader, pairs[name][part].name, dtype, f"{name}.{part}")
     if adapter_name not in adapter_names(model):
         names = {name for name, _, _ in plan}
         grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -410,8 +407,8 @@ def load_adapter(
     with torch.no_grad():
         for name, _, _ in plan:
             adapter = layers[name].adapters[adapter_name]
-            adapter.lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
-            adapter.lora_B.copy_(pairs[name]["lora_B"])
+            adapter.lora_A.copy_(tensors[name, "lora_A"])  # copy_ moves to the adapter's device
+            adapter.lora_B.copy_(tensors[name, "lora_B"])
         for (name, param), pair in experts.items():
             adapter = layers[name].adapters[adapter_name]
             adapter.lora_A[param].copy_(pair["lora_A"])

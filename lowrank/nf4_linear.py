@@ -355,6 +355,7 @@ def quantize(
         if module.weight.device.type == "meta":
             raise ValueError(f"{name}.weight is on the meta device: load the weights before quantizing")
         _nf4.check_weight(module.weight, name=f"{name}.weight")
+        _check_float32_range(module.weight, f"{name}.weight")
         todo.append((name, module))
     if not todo:
         raise ValueError(f"nothing to quantize: every layer matched by targets={targets!r} is already an NF4Linear")
@@ -364,9 +365,32 @@ def quantize(
     for _, parent in model.named_modules(remove_duplicate=False):
         for child_name, child in parent._modules.items():  # (named_children() hides a second name)
             parents.setdefault(id(child), []).append((parent, child_name))
-    for _, module in todo:
-        new = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)
-        new.train(module.training)
-        for parent, child_name in parents[id(module)]:
-            setattr(parent, child_name, new)
+    # Every check above ran before any layer changed; an error past them (out of memory, a failure inside the
+    # quantizer) puts the replaced layers back. Keeping them costs nothing: ``todo`` holds them until we return.
+    done = []
+    try:
+        for name, module in todo:
+            try:
+                new = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from e
+            new.train(module.training)
+            for parent, child_name in parents[id(module)]:
+                setattr(parent, child_name, new)
+            done.append(module)
+    except BaseException:
+        for module in done:
+            for parent, child_name in parents[id(module)]:
+                setattr(parent, child_name, module)
+        raise
     return model
+
+
+def _check_float32_range(weight: torch.Tensor, name: str) -> None:
+    """A float64 weight with finite values beyond the float32 range (|x| > 3.4e38) overflows in the quantizer."""
+    if weight.dtype == torch.float64 and weight.device.type != "meta":
+        amax = weight.detach().abs().amax()
+        if not bool(torch.isfinite(amax.to(torch.float32))):
+            over = int((~torch.isfinite(weight.detach().to(torch.float32))).sum())
+            raise ValueError(f"{name} holds {over} value(s) beyond the float32 range (|x| > 3.4e38): NF4 scales are "
+                             "float32")  # fmt: skip

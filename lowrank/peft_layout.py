@@ -242,3 +242,28 @@ def _pattern(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def match_adapter_key(key: str) -> dict[str, str] | None:
+    """``{"name", "part"}`` for an embedding key (``<name>.lora_embedding_A``) in the linear layout's terms."""
+    m = _EMBEDDING_KEY.fullmatch(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else None
+    return None if m is None else {"name": m["name"], "part": f"lora_{m['part']}"}
+
+
+def special_keys(model: nn.Module, entries, target_parameters) -> dict[str, torch.dtype | None]:
+    """Keys of a PEFT file that are not linear-layout adapter weights: experts (read as float32, the adapters'
+    dtype) and ``save_embedding_layers`` base weights (read in their own dtype: None). From the header alone."""
+    modules: set[str] = set()
+    if target_parameters:
+        modules = set(find_parameters(model, list(target_parameters)))
+    out: dict[str, torch.dtype | None] = {}
+    for key in entries:
+        rest = key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
+        if rest is None:
+            continue
+        m = _EXPERT_KEY.fullmatch(rest)
+        if m is not None and m["name"] in modules:
+            out[key] = torch.float32
+        elif _BASE_KEY.fullmatch(rest) is not None:
+            out[key] = None
+    return out

@@ -8,12 +8,12 @@ import re
 
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot
+from _io_models import TARGETS, Tiny, adapted, randomize
 from safetensors.torch import load_file, save_file
 
 import lowrank
 import lowrank.io as lio
-from _helpers import assert_unchanged, snapshot
-from _io_models import TARGETS, Tiny, adapted, randomize
 
 
 @pytest.fixture
@@ -32,8 +32,16 @@ def edit_config(**changes):
         for k, v in changes.items():
             config.pop(k) if v is DELETE else config.__setitem__(k, v)
         (d / "adapter_config.json").write_text(json.dumps(config))
+        unbind(d)
 
     return edit
+
+
+def unbind(d):
+    """Drop the copy of the config lowrank keeps in the weights' metadata: the folder is then what PEFT (or a
+    hand edit) would leave, without it a changed config is the config (with it: refused as from another save)."""
+    tensors = load_file(d / "adapter_model.safetensors")
+    save_file(tensors, d / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def edit_tensors(fn):
