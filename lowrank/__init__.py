@@ -23,6 +23,7 @@ from .inject import (
     unmerge,
 )
 from .io import load_adapter, save_adapter, save_merged
+from .loading import from_pretrained, load_quantized
 from .lora import LoRALinear
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
@@ -37,8 +38,10 @@ __all__ = [
     "adapter_state_dict",
     "disabled",
     "eject",
+    "from_pretrained",
     "inject",
     "load_adapter",
+    "load_quantized",
     "lora_layers",
     "merge",
     "nf4",

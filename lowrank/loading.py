@@ -249,6 +249,7 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
                                  "but the checkpoint holds different values for them")  # fmt: skip
 
     # Everything converted: now change the model.
+    biases = {name: None if m.bias is None else dense[id(m.bias)] for name, m in quantized.items()}
     for group in move:
         dense[id(group[0].tensor)] = group[0].tensor.to(device)
     for group in [*groups.values()]:
@@ -265,8 +266,7 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
         for child_name, child in parent._modules.items():
             parents.setdefault(id(child), []).append((parent, child_name))
     for name, module in quantized.items():
-        bias = None if module.bias is None else dense[id(module.bias)]
-        new = NF4Linear.from_nf4(nf4[name], bias, compute_dtype, from_conv1d=is_conv1d(module))
+        new = NF4Linear.from_nf4(nf4[name], biases[name], compute_dtype, from_conv1d=is_conv1d(module))
         new.train(module.training)
         for parent, child_name in parents[id(module)]:
             setattr(parent, child_name, new)
