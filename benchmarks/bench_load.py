@@ -85,8 +85,12 @@ def _load(provider: str, path: Path):
         return lowrank.from_pretrained(path, dtype=torch.bfloat16)
     if provider == "hf_then_quantize":
         return lowrank.quantize(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config,
                                                              device_map="cpu")  # fmt: skip
 
@@ -171,7 +175,9 @@ def main(argv=None) -> dict:
         order = PROVIDERS[i % 3 :] + PROVIDERS[: i % 3]
         for prov in order:
             result = _run_worker("load", path, prov)
-            common.progress(f"round {i} {prov}: {result['load_s']:.2f} s, peak {result['peak_above_baseline'] / 2**20:.0f} MiB")
+            common.progress(
+                f"round {i} {prov}: {result['load_s']:.2f} s, peak {result['peak_above_baseline'] / 2**20:.0f} MiB"
+            )
             if args.quick or i > 0:
                 runs[prov].append(result)
     checked = _run_worker("check", path)
@@ -187,7 +193,8 @@ def main(argv=None) -> dict:
         load_s = statistics.median(r["load_s"] for r in results)
         bound = 1.25 * (model_bytes + largest)
         rows.append({"model": name, "provider": prov, "load_s": load_s, "speed_vs_bnb": bnb_s / load_s,
-                     "peak_mib": peak / 2**20, "model_mib": model_bytes / 2**20, "bound_mib": bound / 2**20,
+                     "peak_mib": peak / 2**20, "model_bytes": model_bytes, "model_mib": model_bytes / 2**20,
+                     "bound_mib": bound / 2**20,
                      "peak_vs_bound": peak / bound, "peak_vs_bnb": peak / bnb_peak,
                      "load_s_all": [r["load_s"] for r in results],
                      "peak_mib_all": [r["peak_above_baseline"] / 2**20 for r in results]})  # fmt: skip
@@ -200,10 +207,10 @@ from_pretrained call, median; `speed_vs_bnb` > 1 is faster than transformers + b
 in this session), on a 2-core machine shared with other jobs, so times are noisy: read the ratios, not the
 seconds. bitsandbytes runs NF4 + double quantization + bf16 compute (lowrank's format), not its fp4 default.
 
-- lowrank peak {ours['peak_mib']:.0f} MiB = {ours['peak_vs_bound']:.2f} x bound, {ours['peak_vs_bnb']:.2f} x
-  bitsandbytes' peak; {ours['speed_vs_bnb']:.2f} x bitsandbytes' speed.
+- lowrank peak {ours["peak_mib"]:.0f} MiB = {ours["peak_vs_bound"]:.2f} x bound, {ours["peak_vs_bnb"]:.2f} x
+  bitsandbytes' peak; {ours["speed_vs_bnb"]:.2f} x bitsandbytes' speed.
 - lowrank.from_pretrained == transformers from_pretrained + lowrank.quantize, byte for byte over
-  {checked['tensors_compared']} tensors (state dict and buffers): {checked['bit_identical']}.
+  {checked["tensors_compared"]} tensors (state dict and buffers): {checked["bit_identical"]}.
 """
     out_dir = Path(args.out) if args.out else common.RESULTS_DIR
     columns = ["model", "provider", "load_s", "speed_vs_bnb", "peak_mib", "model_mib", "bound_mib", "peak_vs_bound",

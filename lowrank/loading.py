@@ -222,6 +222,9 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
     # Read and convert, one tensor at a time; nothing is put into the model yet.
     dense: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its new tensor
     nf4: dict[str, torch.Tensor] = {}  # quantized module name -> NF4Tensor
+    # Largest first: the biggest tensor's copy and mapped pages then coexist with an almost empty model, so the
+    # peak is about max(2 x largest, final model + one layer's quantizer temporaries), not their sum.
+    plan.sort(key=lambda item: -item[0].nbytes)
     for entry, group in _progress(plan, sum(e.nbytes for e, _ in plan)):
         meta = group[0].tensor
         with _open(entry) as f:

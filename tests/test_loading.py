@@ -5,6 +5,8 @@ both routes round the same checkpoint values to the same dtype and quantize them
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +286,22 @@ def test_progress_bar_for_long_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loading, "_PROGRESS_BYTES", 0)
     lowrank.load_quantized(_meta_llama(), tmp_path / "w.safetensors")
     assert "load_quantized: 100%" in capsys.readouterr().err
+
+
+def test_bench_load_quick(tmp_path):
+    """The benchmark's smoke run: a tiny tied Llama (vocab 512, hidden 64, 2 layers), one fresh process per provider."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_load
+
+    result = bench_load.main(["--quick", "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert list(rows) == ["lowrank", "hf_then_quantize", "bnb"]
+    assert result["check"]["bit_identical"] and not result["check"]["differ"]
+    # The NF4 size formula per layer: n/2 packed + n/64 absmax codes + 4 per 256 blocks + 4 (offset), for
+    # q, o 64x64; k, v 32x64; gate, up, down 128x64; plus bf16 embedding 512x64, norms 5x64 and two float32
+    # RoPE buffers of 8: 65536 + 2 * (2 * 2120 + 2 * 1064 + 3 * 4232) + 5 * 128 + 2 * 32 bytes.
+    expected = 65536 + 2 * (2 * 2120 + 2 * 1064 + 3 * 4232) + 5 * 128 + 2 * 32
+    assert rows["lowrank"]["model_bytes"] == rows["hf_then_quantize"]["model_bytes"] == expected
+    for r in rows.values():
+        assert r["load_s"] > 0 and r["peak_mib"] > 0 and r["bound_mib"] > r["model_mib"]
+    assert Path(result["markdown"]).read_text().count("| tiny-llama |") == 3
