@@ -19,6 +19,8 @@ resident; reopening, 16 MiB = one tensor). Peak: the final model plus one tensor
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar (tqdm, when installed) for checkpoints at least this big
+_TRIM_BYTES = 4 * 2**20  # hand freed heap back to the OS after about this many checkpoint bytes (see below)
 _INDEX = "model.safetensors.index.json"
 
 
@@ -225,8 +228,13 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
     # Largest first: the biggest tensor's copy and mapped pages then coexist with an almost empty model, so the
     # peak is about max(2 x largest, final model + one layer's quantizer temporaries), not their sum.
     plan.sort(key=lambda item: -item[0].nbytes)
+    since_trim = 0
     for entry, group in _progress(plan, sum(e.nbytes for e, _ in plan)):
         meta = group[0].tensor
+        since_trim += entry.nbytes
+        if since_trim >= _TRIM_BYTES:
+            _release_freed_heap()
+            since_trim = 0
         with _open(entry) as f:
             loaded = f.get_tensor(entry.name)  # a view of the mapping: converted before the file closes
             wanted = target_dtype(entry, meta)
@@ -277,8 +285,29 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
     return model
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; elsewhere there is nothing to call
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap pages back to the OS. glibc keeps the quantizer's freed temporaries, scattered between the
+    NF4 tensors that stay: loading SmolLM2-135M on CPU peaked at 166 MiB above baseline for a 106 MiB model
+    without trimming, 139 MiB trimming every 16 MiB read, 117-129 MiB every 4 MiB, 116 MiB after every tensor
+    (272 calls: 0.9 s on a loaded 2-core machine)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _finite(t: torch.Tensor) -> bool:
-    return bool(t.abs().amax().isfinite())  # max |x| is NaN/inf exactly when some element is: one reduction
+    # min and max are NaN/inf exactly when some element is: one pass and no temporary (|x| would be a full copy:
+    # 54 MiB more at the peak for SmolLM2's embedding).
+    low, high = torch.aminmax(t)
+    return bool(low.isfinite() & high.isfinite())
 
 
 def _open(entry: _Entry):
