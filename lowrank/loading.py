@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from . import nf4 as _nf4
-from ._match import find_targets, is_conv1d, is_linear
-from .lora import LoRALinear
+from ._match import find_targets
+from .base import is_conv1d, is_linear
+from .lora import LoRALayer
 from .nf4_linear import NF4Linear, _check_compute_dtype
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -151,8 +152,8 @@ def _targets(model, targets, exclude) -> dict[str, nn.Module]:
         return {}
     todo = {}
     for name, module in find_targets(model, targets, exclude):
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{name} is a LoRALinear: load the base model first, then lowrank.inject")
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"{name} is a LoRA layer: load the base model first, then lowrank.inject")
         if isinstance(module, NF4Linear):
             raise ValueError(f"{name} is already an NF4Linear: load_quantized expects a plain (meta) model")
         if not (isinstance(module, nn.Linear) or is_conv1d(module)) or not is_linear(module):

@@ -2,26 +2,26 @@
 
 Writing (``build_config``): ``r`` / ``lora_alpha`` are the most common values among the adapted layers; layers
 that differ are listed under ``rank_pattern`` / ``alpha_pattern`` by full module name. PEFT resolves a pattern key
-``k`` for module ``m`` with ``re.match(rf"(.*\\.)?({k})$", m)`` (``pattern_value``), and so do we when reading.
+``k`` for module ``m`` with ``re.match(rf"(.*\\.)?({k})$", m)`` (``pattern_value``), and so do we when reading,
+without ``re`` (a key from a file could backtrack for ever: ``lowrank._patterns`` decides in bounded time).
 
 Reading (``read_config``): three kinds of fields. The ones lowrank uses (``_USED``, with PEFT's defaults for
 missing or null ones); the ones accepted whatever their value (metadata, target selection, initialisation:
 ``_IGNORED``); and features that change the forward pass (``_UNSUPPORTED``), refused unless at their default.
 Unknown fields are refused too unless "off" (null, false, empty), so a newer PEFT feature is never silently dropped.
+The JSON is parsed strictly (``lowrank._strict_json``: no duplicate keys, bounded size, nesting and numbers).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
 
-from .lora import LoRALinear
-
-CONFIG_NAME = "adapter_config.json"
+from . import _patterns, _strict_json
+from .adapter import LoRAAdapter
+from .files import CONFIG_NAME
 
 # Config fields lowrank reads: name -> PEFT's default (PEFT silently uses these when a field is missing, so we do too).
 _USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
@@ -49,18 +49,22 @@ def _is_default(value, default) -> bool:
 
 
 def pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    """PEFT's rank_pattern / alpha_pattern rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``,
+    decided in bounded time (``lowrank._patterns``: keys come from files, and ``re`` can backtrack for ever)."""
+    return _patterns.pattern_value(patterns, name, default)
 
 
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None) -> dict:
+def build_config(
+    layers: list[tuple[str, LoRAAdapter]], base_model_name_or_path: str | None, fan_in_fan_out: bool = False
+) -> dict:
+    """PEFT's config for one adapter: ``layers`` is [(qualified layer name, that layer's adapter)].
+
+    ``fan_in_fan_out``: some adapted layer is a Conv1D (PEFT decides per layer anyway).
+    """
     rslora = {bool(layer.rslora) for _, layer in layers}
     if len(rslora) > 1:
         raise ValueError("PEFT's config has one use_rslora flag, but some adapted layers use rsLoRA and others do not")
@@ -68,14 +72,13 @@ def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: 
     alpha = Counter(float(layer.alpha) for _, layer in layers).most_common(1)[0][0]
     dropouts = Counter(float(layer.dropout_p) for _, layer in layers)
     if len(dropouts) > 1:
-        warnings.warn(f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common")
+        warnings.warn(
+            f"layers use different dropout {sorted(dropouts)}; PEFT stores one: writing the most common", stacklevel=3
+        )
     rank_pattern = {name: int(layer.r) for name, layer in layers if layer.r != r}
     alpha_pattern = {name: _number(layer.alpha) for name, layer in layers if float(layer.alpha) != alpha}
     for name, layer in layers:  # the pattern keys are regexes to PEFT: make sure each resolves to its own layer
-        if (
-            pattern_value(rank_pattern, name, r) != layer.r
-            or pattern_value(alpha_pattern, name, alpha) != layer.alpha
-        ):
+        if pattern_value(rank_pattern, name, r) != layer.r or pattern_value(alpha_pattern, name, alpha) != layer.alpha:
             raise ValueError(f"cannot express the rank/alpha of {name!r} with PEFT's rank_pattern/alpha_pattern")
     return {
         "peft_type": "LORA",
@@ -89,7 +92,7 @@ def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: 
         "exclude_modules": None,
         "lora_dropout": dropouts.most_common(1)[0][0],
         "use_rslora": rslora.pop(),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "bias": "none",
         "init_lora_weights": True,
         "use_dora": False,
@@ -100,15 +103,13 @@ def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: 
     }
 
 
-def read_config(directory: Path) -> dict:
+def read_config(directory: Path, raw: dict | None = None) -> dict:
     """adapter_config.json -> {r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern}, validated."""
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {directory}")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if raw is None:  # strict: duplicate keys, deep nesting, 5000-digit numbers refused naming the file
+        raw = _strict_json.load_file(file)
     if not isinstance(raw, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
@@ -141,8 +142,8 @@ def read_config(directory: Path) -> dict:
             raise ValueError(f"{file}: {key} must be an object mapping module patterns to values")
         for pattern, value in cfg[key].items():
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regular expression: {e}") from None
+                _patterns.check_pattern(pattern)
+            except _patterns.PatternError as e:
+                raise ValueError(f"{file}: {key} {e}") from None
             positive_number(f"{key}[{pattern!r}]", value, integer)
     return cfg

@@ -14,12 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
-
-import lowrank
-import lowrank.io as lio
 from _helpers import assert_unchanged, snapshot
 from _io_models import (
     F32_TOL,
@@ -31,6 +25,11 @@ from _io_models import (
     randomize,
     reference_forward,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+import lowrank
 
 
 @pytest.fixture
@@ -62,7 +61,9 @@ def test_file_layout_keys_and_config(tmp_path, base):
     assert lowrank.save_adapter(model, tmp_path, base_model_name_or_path="org/tiny") == tmp_path
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        # The config is bound to the weights (lowrank/files.py): a copy of its text in the safetensors metadata.
+        config = (tmp_path / "adapter_config.json").read_text()
+        assert f.metadata() == {"format": "pt", "lowrank.adapter_config": config}
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     expected_keys = {f"base_model.model.{t}.lora_{p}.weight" for t in TARGETS for p in "AB"}
     assert set(tensors) == expected_keys
@@ -83,9 +84,8 @@ def test_file_layout_keys_and_config(tmp_path, base):
 
 def test_rank_and_alpha_patterns_round_trip(tmp_path, base, x):
     model = copy.deepcopy(base)
-    lowrank.inject(model, ["up"], r=4, alpha=8)  # blocks.0.up, blocks.1.up
-    lowrank.inject(model, ["blocks.0.down"], r=2, alpha=8)
-    lowrank.inject(model, ["blocks.1.down", "head"], r=4, alpha=2.5)
+    lowrank.inject(model, ["up", "down", "head"], r=4, alpha=8, rank_pattern={"blocks.0.down": 2},
+                   alpha_pattern={"blocks.1.down": 2.5, "head": 2.5})  # fmt: skip
     randomize(model)
     lowrank.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -125,7 +125,10 @@ def test_save_rejects_what_it_cannot_write(tmp_path, base):
     with pytest.raises(ValueError, match="has no LoRA layers to save"):
         lowrank.save_adapter(copy.deepcopy(base), tmp_path)
     model = adapted(base, targets=["up"])
-    lowrank.inject(model, ["down"], r=4, alpha=8, rslora=True)
+    with pytest.raises(ValueError, match=re.escape("unknown adapter 'b'; the model has ['default']")):
+        lowrank.save_adapter(model, tmp_path, "b")
+    layer = model.blocks[1].up  # one adapter mixing rsLoRA and plain LoRA cannot be written in PEFT's config
+    layer.adapters["default"] = lowrank.LoRAAdapter(layer.in_features, layer.out_features, 4, 8, rslora=True)
     with pytest.raises(ValueError, match="one use_rslora flag"):
         lowrank.save_adapter(model, tmp_path)
     model = adapted(base)
@@ -139,8 +142,9 @@ def test_save_rejects_what_it_cannot_write(tmp_path, base):
 
 
 def test_mixed_dropout_writes_the_most_common_with_a_warning(tmp_path, base):
-    model = adapted(base, targets=["up", "blocks.0.down"], dropout=0.1)
-    lowrank.inject(model, ["blocks.1.down"], r=4, alpha=8, dropout=0.3)
+    model = adapted(base, targets=["up", "down"], dropout=0.1)
+    layer = model.blocks[1].down  # an adapter built by hand with another dropout than the rest of its adapter
+    layer.adapters["default"] = lowrank.LoRAAdapter(layer.in_features, layer.out_features, 4, 8, dropout=0.3)
     with pytest.warns(UserWarning, match=re.escape("layers use different dropout [0.1, 0.3]")):
         lowrank.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.1
@@ -151,12 +155,11 @@ def test_failed_write_leaves_previous_adapter_intact(tmp_path, base, monkeypatch
     lowrank.save_adapter(adapted(base), tmp_path)
     old = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def crash(f, tensors, metadata=None):
+        f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lio, "save_file", crash)
+    monkeypatch.setattr(lowrank._safetensors, "write", crash)
     with pytest.raises(OSError, match="disk full"):
         lowrank.save_adapter(adapted(base, r=2), tmp_path)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == old  # no temp file left either
@@ -215,6 +218,7 @@ def test_missing_fields_use_peft_defaults(tmp_path, base, x):
     model = adapted(base, r=8, alpha=8)
     lowrank.save_adapter(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    save_file(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.safetensors")  # as PEFT
     loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
     assert {(l.r, l.alpha, l.rslora) for _, l in lowrank.lora_layers(loaded)} == {(8, 8.0, False)}
     assert torch.equal(loaded(x), model(x))
