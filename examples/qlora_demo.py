@@ -11,7 +11,8 @@ alpha=32, dropout=0.1) -> exact match on held-out examples -> train the adapters
 lowrank.eject, and after lowrank.load_adapter. The default task (examples/data.py) turns an order sentence into
 `name|city|item|quantity`. Results go to --out: run.json (losses, metrics, times, peak memory), loss.png (when
 matplotlib is installed) and adapter/ (PEFT-layout safetensors). On CUDA the model runs in bfloat16 and the NF4
-matmuls use lowrank's Triton kernels.
+matmuls use lowrank's Triton kernels. A --model folder with safetensors weights is quantized while loading
+(lowrank.from_pretrained: the float model never exists); the script prints which load path ran.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: torch
         # makes Trainer refuse to train it and save_pretrained refuse to save it. Drop that bookkeeping.
         model.hf_quantizer.remove_quantization_config(model)
     model = model.to(device)
-    print(f"load path: transformers from_pretrained({path}){', then lowrank.quantize' if quantize else ''}")
+    source = path / kwargs.get("gguf_file", "")
+    print(f"load path: transformers from_pretrained({source}){', then lowrank.quantize' if quantize else ''}")
     return _with_pad_token(lowrank.quantize(model) if quantize else model, tokenizer)
 
 
