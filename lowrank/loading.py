@@ -217,7 +217,9 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
             f"buffer(s) {_listing(without_init)} are on the meta device and not in the checkpoint, and "
             "no _init_weights can recompute them: create them on a real device after building the model"
         )
-    weight_of = {id(module.weight): name for name, module in quantized.items()}
+    weight_of: dict[int, list[str]] = {}  # a weight shared by several targeted layers quantizes once for each
+    for name, module in quantized.items():
+        weight_of.setdefault(id(module.weight), []).append(name)
     quantized_ids = {id(module) for module in quantized.values()}
 
     def target_dtype(entry: _Entry, meta: torch.Tensor) -> torch.dtype:
@@ -225,7 +227,7 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
 
     # Read and convert, one tensor at a time; nothing is put into the model yet.
     dense: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its new tensor
-    nf4: dict[str, torch.Tensor] = {}  # quantized module name -> NF4Tensor
+    nf4: dict[str, _nf4.NF4Tensor] = {}  # quantized module name -> its NF4 weight
     # Largest first: the biggest tensor's copy and mapped pages then coexist with an almost empty model, so the
     # peak is about max(2 x largest, final model + one layer's quantizer temporaries), not their sum.
     plan.sort(key=lambda item: -item[0].nbytes)
@@ -239,8 +241,7 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
         with _open(entry) as f:
             loaded = f.get_tensor(entry.name)  # a view of the mapping: converted before the file closes
             wanted = target_dtype(entry, meta)
-            if id(meta) in weight_of:
-                name = weight_of[id(meta)]
+            for name in weight_of.get(id(meta), []):
                 weight = loaded.to(device, wanted)
                 weight = weight.t() if is_conv1d(quantized[name]) else weight
                 try:

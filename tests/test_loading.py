@@ -305,3 +305,27 @@ def test_bench_load_quick(tmp_path):
     for r in rows.values():
         assert r["load_s"] > 0 and r["peak_mib"] > 0 and r["bound_mib"] > r["model_mib"]
     assert Path(result["markdown"]).read_text().count("| tiny-llama |") == 3
+
+
+class _Shared(nn.Module):
+    """One linear layer reachable under two names (weight sharing by module), and a second plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 96)
+        self.b = self.a
+        self.c = nn.Linear(96, 32, bias=False)
+
+
+def test_module_shared_under_two_names_stays_shared(tmp_path):
+    torch.manual_seed(0)
+    dense = _Shared()
+    save_file({k: v for k, v in dense.state_dict().items() if not k.startswith("b.")}, tmp_path / "w.safetensors")
+    expected = lowrank.quantize(dense)
+    with torch.device("meta"):
+        model = _Shared()
+    lowrank.load_quantized(model, tmp_path / "w.safetensors", targets="all-linear")
+    assert isinstance(model.a, lowrank.NF4Linear) and model.a is model.b  # as lowrank.quantize leaves it
+    assert list(model.state_dict()) == list(expected.state_dict())
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
