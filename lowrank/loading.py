@@ -162,18 +162,13 @@ def _targets(model, targets, exclude) -> dict[str, nn.Module]:
     return todo
 
 
-def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, block_size, double_quant):
-    """load_quantized's work; ``targets=None`` loads every tensor dense (``from_pretrained(quantize=False)``)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    _check_compute_dtype(compute_dtype)
-    _nf4.check_block_size(block_size)
-    device = torch.device(device if device is not None else "cpu")
-    files = checkpoint_files(checkpoint)
-    entries = _read_headers(files)
-    quantized = _targets(model, targets, exclude)
-    slots = _slots(model)
+def _plan(model, entries: dict[str, _Entry], slots: dict[str, _Slot], files: list[Path]):
+    """Match the checkpoint's headers to the model's tensors and check them; reads no tensor data.
 
+    Returns ``(groups, plan, duplicates, recompute, move)``: slots by shared tensor, ``(entry, group)`` to load,
+    tied copies stored twice ``(first, other, group key)``, buffer slots to recompute (on meta, no checkpoint
+    entry) and non-persistent buffer groups that already hold values (moved to the device).
+    """
     # Tensors shared by several slots (tied weights) form one group, loaded once and put back under every name.
     groups: dict[int, list[_Slot]] = {}
     for slot in slots.values():
@@ -217,6 +212,22 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
             f"buffer(s) {_listing(without_init)} are on the meta device and not in the checkpoint, and "
             "no _init_weights can recompute them: create them on a real device after building the model"
         )
+    return groups, plan, duplicates, recompute, move
+
+
+def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, block_size, double_quant):
+    """load_quantized's work; ``targets=None`` loads every tensor dense (``from_pretrained(quantize=False)``)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    _check_compute_dtype(compute_dtype)
+    _nf4.check_block_size(block_size)
+    device = torch.device(device if device is not None else "cpu")
+    files = checkpoint_files(checkpoint)
+    entries = _read_headers(files)
+    quantized = _targets(model, targets, exclude)
+    slots = _slots(model)
+
+    groups, plan, duplicates, recompute, move = _plan(model, entries, slots, files)
     weight_of: dict[int, list[str]] = {}  # a weight shared by several targeted layers quantizes once for each
     for name, module in quantized.items():
         weight_of.setdefault(id(module.weight), []).append(name)
@@ -262,10 +273,18 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
                                  "but the checkpoint holds different values for them")  # fmt: skip
 
     # Everything converted: now change the model.
+    _install(model, groups.values(), move, dense, quantized, nf4, compute_dtype, device)
+    _recompute_buffers(model, recompute, device)
+    return model
+
+
+def _install(model, groups, move, dense, quantized, nf4, compute_dtype, device) -> None:
+    """Put the converted tensors into ``model``: one new Parameter per tied group (under each of its names),
+    buffers, and an ``NF4Linear`` in every place a targeted layer is reachable from."""
     biases = {name: None if m.bias is None else dense[id(m.bias)] for name, m in quantized.items()}
     for group in move:
         dense[id(group[0].tensor)] = group[0].tensor.to(device)
-    for group in [*groups.values()]:
+    for group in groups:
         meta = group[0].tensor
         if id(meta) not in dense:
             continue
@@ -283,8 +302,6 @@ def _load(model, checkpoint, *, device, dtype, compute_dtype, targets, exclude, 
         new.train(module.training)
         for parent, child_name in parents[id(module)]:
             setattr(parent, child_name, new)
-    _recompute_buffers(model, recompute, device)
-    return model
 
 
 @functools.cache
