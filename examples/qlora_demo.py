@@ -11,7 +11,8 @@ alpha=32, dropout=0.1) -> exact match on held-out examples -> train the adapters
 lowrank.eject, and after lowrank.load_adapter. The default task (examples/data.py) turns an order sentence into
 `name|city|item|quantity`. Results go to --out: run.json (losses, metrics, times, peak memory), loss.png (when
 matplotlib is installed) and adapter/ (PEFT-layout safetensors). On CUDA the model runs in bfloat16 and the NF4
-matmuls use lowrank's Triton kernels.
+matmuls use lowrank's Triton kernels. A --model folder with safetensors weights is quantized while loading
+(lowrank.from_pretrained: the float model never exists); the script prints which load path ran.
 """
 
 from __future__ import annotations
@@ -50,18 +51,33 @@ def default_model_path() -> Path:
     return Path(spec.origin).parent / DEFAULT_GGUF
 
 
-def load_model(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def quantizes_while_loading(path: str | Path | None) -> bool:
+    """True for a local HF folder with safetensors weights: QLoRA then loads it with lowrank.from_pretrained (NF4
+    while loading: the float model never exists). A GGUF file (the default) goes through transformers, which
+    dequantizes it, and then lowrank.quantize."""
+    path = Path(path) if path is not None else None
+    return path is not None and path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               quantize: bool = False):  # fmt: skip
     """Load a causal LM and its tokenizer from a local folder (HF layout) or a `.gguf` file; never downloads.
 
     Args:
         path: a folder with config.json, a .gguf file, or a folder holding one .gguf file; None: SmolLM2-135M.
         device, dtype: where and in what precision the weights live (GGUF weights are dequantized on load).
+        quantize: return the model with NF4 linear layers (QLoRA's base): quantized while loading for a
+            safetensors folder, else loaded by transformers and then `lowrank.quantize`d. Prints which path ran.
 
     Returns:
         (model, tokenizer), the model in eval mode with a pad token set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantize and quantizes_while_loading(path):
+        print(f"load path: lowrank.from_pretrained({path}) quantizes while loading")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _with_pad_token(lowrank.from_pretrained(path, device=device, dtype=dtype), tokenizer)
     path = Path(path) if path is not None else default_model_path()
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
@@ -79,10 +95,17 @@ def load_model(path: str | Path | None = None, device: str = "cpu", dtype: torch
         # The GGUF weights are now plain float tensors; HF still marks the model "quantized with gguf", which
         # makes Trainer refuse to train it and save_pretrained refuse to save it. Drop that bookkeeping.
         model.hf_quantizer.remove_quantization_config(model)
+    model = model.to(device)
+    source = path / kwargs.get("gguf_file", "")
+    print(f"load path: transformers from_pretrained({source}){', then lowrank.quantize' if quantize else ''}")
+    return _with_pad_token(lowrank.quantize(model) if quantize else model, tokenizer)
+
+
+def _with_pad_token(model, tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def prompt_text(tokenizer, prompt: str) -> str:
@@ -292,12 +315,9 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     times, t0 = {}, time.perf_counter()
 
-    model, tokenizer = load_model(args.model, args.device, dtype)
-    times["load_s"] = time.perf_counter() - t0
-    if args.method == "qlora":
-        t = time.perf_counter()
-        lowrank.quantize(model)  # every linear layer but the output head -> NF4Linear
-        times["quantize_s"] = time.perf_counter() - t
+    # qlora: every linear layer but the output head -> NF4Linear (while loading, for a safetensors folder)
+    model, tokenizer = load_model(args.model, args.device, dtype, quantize=args.method == "qlora")
+    times["load_s"] = time.perf_counter() - t0  # includes quantizing
     lowrank.inject(model, TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT)
     print(lowrank.summary(model))
 
@@ -340,7 +360,9 @@ def main(argv=None) -> dict:
 
     times["total_s"] = time.perf_counter() - t0
     record = {
-        "model": str(args.model or default_model_path()), "method": args.method, "device": args.device,
+        "model": str(args.model or default_model_path()), "method": args.method,
+        "quantized_while_loading": args.method == "qlora" and quantizes_while_loading(args.model),
+        "device": args.device,
         "dtype": str(dtype).removeprefix("torch."), "targets": TARGETS, "r": RANK, "alpha": ALPHA,
         "dropout": DROPOUT, "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed,

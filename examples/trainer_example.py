@@ -99,9 +99,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_model(args.model, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
-    if args.method == "qlora":
-        lowrank.quantize(model)
+    model, tokenizer = load_model(args.model, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
+                                  quantize=args.method == "qlora")  # NF4 while loading for a safetensors folder
     lowrank.inject(model, TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT)  # in place of peft.get_peft_model
     print(lowrank.summary(model))
     dataset = build_dataset(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.block_size)

@@ -23,6 +23,7 @@ from .adapters import (
 )
 from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
 from .io import load_adapter, save_adapter, save_merged
+from .loading import from_pretrained, load_quantized
 from .lora import LoRALayer, LoRALinear
 from .lora_embedding import LoRAEmbedding
 from .lora_experts import ExpertsAdapter, LoRAExperts
@@ -47,8 +48,10 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "eject",
+    "from_pretrained",
     "inject",
     "load_adapter",
+    "load_quantized",
     "lora_layers",
     "merge",
     "mixed_batch",

@@ -140,6 +140,29 @@ class NF4Linear(nn.Module):
         layer.bias = None if bias is None else _frozen(bias.detach().clone())
         return layer
 
+    @classmethod
+    def from_nf4(
+        cls,
+        q: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        from_conv1d: bool = False,
+    ) -> NF4Linear:
+        """A layer holding an already quantized weight ``q`` of shape (out_features, in_features) and an optional
+        ``bias`` (out_features,), both used as they are (no copy), on ``q``'s device; ``dtype`` is ``q.dtype``.
+        ``from_conv1d`` marks a weight taken (transposed) from a HF Conv1D. Used by ``lowrank.load_quantized``."""
+        if len(q.shape) != 2:
+            raise ValueError(f"from_nf4 expects a 2-D NF4 weight (out_features, in_features), got {tuple(q.shape)}")
+        out_features, in_features = q.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        # Built on the meta device (allocates nothing), then given q's tensors.
+        layer = cls(in_features, out_features, False, q.block_size, q.double_quant, compute_dtype, q.dtype, "meta")
+        layer.from_conv1d = bool(from_conv1d)
+        layer._store(q)
+        layer.bias = None if bias is None else _frozen(bias)
+        return layer
+
     def nf4_weight(self) -> NF4Tensor:
         """The weight as an NF4Tensor of shape (out_features, in_features); its tensors are views of the parameters."""
         shape = (self.out_features, self.in_features)
