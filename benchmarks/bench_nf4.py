@@ -28,6 +28,7 @@ are listed in ``bench_nf4.md`` and the exit status is 1 when there was any.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -51,7 +52,7 @@ import common
 import triton
 from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
-from lowrank import nf4
+from lowrank import dispatch, nf4
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not OPTS.smoke and __name__ == "__main__":
@@ -143,11 +144,12 @@ def lookup(kind: str, fn):
     """``fn`` run with the kernels' code-book lookup set to ``kind`` (the two variants of nf4_dequant._decode)."""
 
     def run():
-        saved, nf4_dequant.LOOKUP = nf4_dequant.LOOKUP, kind
+        saved = dispatch.settings()
+        dispatch._settings = dataclasses.replace(saved, nf4_lookup=kind)  # the benchmark's own switch, restored
         try:
             return fn()
         finally:
-            nf4_dequant.LOOKUP = saved
+            dispatch._settings = saved
 
     return run
 

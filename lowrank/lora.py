@@ -21,24 +21,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._match import is_conv1d, is_linear, linear_features
-from .dispatch import nf4_lora_linear
+from .dispatch import fused_lora_enabled, nf4_lora_linear
 from .nf4_linear import NF4Linear
 
 _ADAPTER_KEYS = ("lora_A", "lora_B")
-
-
-def _fused_lora_enabled() -> bool:
-    """``LOWRANK_FUSED_LORA=1`` (read per call; anything else is off) lets inference forwards over an NF4 base
-    take the one-pass route. Off by default: the route has no GPU measurement yet (benchmarks/bench_nf4.py,
-    entry lora_decode, times it at decode sizes); a GPU session will measure it and may switch the default."""
-    return os.environ.get("LOWRANK_FUSED_LORA", "") == "1"
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -230,7 +222,7 @@ class LoRALinear(nn.Module):
           has no backward).
         """
         base = self.base
-        if not (isinstance(base, NF4Linear) and _fused_lora_enabled()):  # the type first: no env read for dense bases
+        if not (isinstance(base, NF4Linear) and fused_lora_enabled()):  # the type first: no env read for dense bases
             return False
         if base._forward_hooks or base._forward_pre_hooks:
             return False
