@@ -28,7 +28,6 @@ are listed in ``bench_nf4.md`` and the exit status is 1 when there was any.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -144,12 +143,8 @@ def lookup(kind: str, fn):
     """``fn`` run with the kernels' code-book lookup set to ``kind`` (the two variants of nf4_dequant._decode)."""
 
     def run():
-        saved = dispatch.settings()
-        dispatch._settings = dataclasses.replace(saved, nf4_lookup=kind)  # the benchmark's own switch, restored
-        try:
+        with dispatch.override_settings(nf4_lookup=kind):
             return fn()
-        finally:
-            dispatch._settings = saved
 
     return run
 

@@ -36,6 +36,7 @@ Any other value of a switch raises ValueError naming the variable (at import, or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -98,6 +99,19 @@ def reload_settings() -> Settings:
     global _settings
     _settings = _read_settings(os.environ)
     return _settings
+
+
+@contextlib.contextmanager
+def override_settings(**changes):
+    """Within the block, ``settings()`` has ``changes`` applied (fields of ``Settings``, e.g. ``reference=True``);
+    restored on exit. For benchmarks that time two routes in one process; not thread-safe."""
+    global _settings
+    saved = _settings
+    _settings = dataclasses.replace(saved, **changes)
+    try:
+        yield _settings
+    finally:
+        _settings = saved
 
 
 def fused_lora_enabled() -> bool:
