@@ -72,10 +72,29 @@ def _bnb_weight(w: torch.Tensor):
     return packed, state, gemv_packed, gemv_state
 
 
-def micro(shapes: dict, rows_m: list[int], args) -> list[dict]:
-    import bitsandbytes as bnb
+def _dequantizers(q, scratch, packed, state) -> dict:
     import bitsandbytes.functional as BF
 
+    return {
+        "lowrank": lambda: nf4_cpu._decode_into(q, scratch),
+        "reference": lambda: nf4.dequantize(q, torch.bfloat16),
+        "bnb": lambda: BF.dequantize_4bit(packed, state),
+    }
+
+
+def _matmuls(x, w, q, packed, state, gemv_packed, gemv_state) -> dict:
+    import bitsandbytes as bnb
+
+    return {
+        "lowrank": lambda: dispatch.nf4_linear(x, q),
+        "reference": _reference(lambda: dispatch.nf4_linear(x, q)),
+        "bnb": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
+        "bnb gemv (eval)": lambda: bnb.matmul_4bit(x, gemv_packed, quant_state=gemv_state),
+        "dense bf16": lambda: F.linear(x, w),
+    }
+
+
+def micro(shapes: dict, rows_m: list[int], args) -> list[dict]:
     rows = []
     for label, (n, k) in shapes.items():
         torch.manual_seed(0)
@@ -83,25 +102,14 @@ def micro(shapes: dict, rows_m: list[int], args) -> list[dict]:
         q = nf4.quantize(w, 64, True)
         packed, state, gemv_packed, gemv_state = _bnb_weight(w)
         scratch = nf4_cpu._scratch("bench", n * k, torch.bfloat16)
-        deq = {
-            "lowrank": lambda: nf4_cpu._decode_into(q, scratch),
-            "reference": lambda: nf4.dequantize(q, torch.bfloat16),
-            "bnb": lambda: BF.dequantize_4bit(packed, state),
-        }
-        times = common.time_alternating(deq, warmup=args.warmup, repeats=args.micro_repeats)
+        times = common.time_alternating(_dequantizers(q, scratch, packed, state), args.warmup, args.micro_repeats)
         load = _load()
         for name, t in times.items():
             rows.append({"part": "dequantize", "weight": label, "M": None, "provider": name,
                          "median_ms": 1e3 * statistics.median(t), "load": load})  # fmt: skip
         for m in rows_m:
             x = torch.randn(m, k).to(torch.bfloat16)
-            mm = {
-                "lowrank": lambda: dispatch.nf4_linear(x, q),
-                "reference": _reference(lambda: dispatch.nf4_linear(x, q)),
-                "bnb": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
-                "bnb gemv (eval)": lambda: bnb.matmul_4bit(x, gemv_packed, quant_state=gemv_state),
-                "dense bf16": lambda: F.linear(x, w),
-            }
+            mm = _matmuls(x, w, q, packed, state, gemv_packed, gemv_state)
             with torch.no_grad():
                 times = common.time_alternating(mm, warmup=args.warmup, repeats=args.micro_repeats)
             load = _load()
@@ -145,6 +153,15 @@ def _models(shape: dict, kinds: list[str]) -> dict:
     return models
 
 
+def _generate(model, ids, attention, new_tokens: int):
+    def run():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+    return run
+
+
 def decode(shape: dict, args) -> list[dict]:
     models = _models(shape, ["lowrank", "peft+bnb", "lowrank lora", "dense bf16"])
     rows = []
@@ -152,15 +169,7 @@ def decode(shape: dict, args) -> list[dict]:
         ids = torch.randint(0, shape["vocab"], (batch, 8), generator=torch.Generator().manual_seed(1))
         attention = torch.ones_like(ids)
 
-        def gen(model):
-            def run():
-                with torch.no_grad():
-                    return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=args.new_tokens,
-                                          min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-
-            return run
-
-        fns = {name: gen(model) for name, model in models.items()}
+        fns = {name: _generate(model, ids, attention, args.new_tokens) for name, model in models.items()}
         fns["reference"] = _reference(fns["lowrank"])
         before = _load()
         times = common.time_alternating(fns, warmup=1, repeats=args.decode_repeats)

@@ -49,9 +49,9 @@ if OPTS.smoke and not torch.cuda.is_available():
 
 import common
 import triton
-from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
 from lowrank import dispatch, nf4
+from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not OPTS.smoke and __name__ == "__main__":

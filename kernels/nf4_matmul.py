@@ -199,6 +199,7 @@ def large_m_method() -> str:
     """The route for M > SMALL_M under "auto": ``lowrank.dispatch.settings().nf4_large_m`` (LOWRANK_NF4_LARGE_M)."""
     return _dispatch.settings().nf4_large_m
 
+
 _METHODS = ("auto", "fused", "dequant")
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _DTYPES = tuple(_TL_DTYPES)

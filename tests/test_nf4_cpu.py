@@ -149,8 +149,15 @@ def test_settings_are_read_once_and_reloaded_on_request(monkeypatch, lowrank_env
     assert not dispatch.settings().reference
 
 
-@pytest.mark.parametrize(("var", "value"), [("LOWRANK_REFERENCE", "true"), ("LOWRANK_FUSED_LORA", "yes"),
-                                             ("LOWRANK_NF4_LOOKUP", "table"), ("LOWRANK_NF4_LARGE_M", "auto")])
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("LOWRANK_REFERENCE", "true"),
+        ("LOWRANK_FUSED_LORA", "yes"),
+        ("LOWRANK_NF4_LOOKUP", "table"),
+        ("LOWRANK_NF4_LARGE_M", "auto"),
+    ],
+)
 def test_a_bad_switch_value_names_the_variable_and_changes_nothing(monkeypatch, lowrank_env, var, value):
     lowrank_env(var, None)
     before = dispatch.settings()

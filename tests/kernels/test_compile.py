@@ -62,7 +62,7 @@ def test_compile_fullgraph_matches_eager_on_cpu():
     out, grads = _loss_and_grads(compiled, x)
     torch.testing.assert_close(out, eager_out, rtol=RTOL, atol=ATOL)
     assert len(grads) == len(eager_grads) == 6  # A and B of three adapted layers
-    for g, ge in zip(grads, eager_grads):
+    for g, ge in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, ge, rtol=RTOL, atol=ATOL)
     # The function itself, independently: the dense float64 equivalent of layer 0, dequantized W + scale B A with
     # scale = alpha / r = 8 / 4.
@@ -196,7 +196,7 @@ def test_kernel_path_matches_reference_path(kernels, monkeypatch, lowrank_env, d
         # layers; float32: the same sums in another order, a few ulps of activations of size ~1.
         tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
         torch.testing.assert_close(results["triton"][0], results["reference"][0], **tol)
-        for g, ge in zip(results["triton"][1], results["reference"][1]):
+        for g, ge in zip(results["triton"][1], results["reference"][1], strict=True):
             torch.testing.assert_close(g, ge, **tol)
 
 
