@@ -49,9 +49,9 @@ if OPTS.smoke and not torch.cuda.is_available():
 
 import common
 import triton
-from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
-from lowrank import nf4
+from lowrank import dispatch, nf4
+from lowrank.kernels import nf4_dequant, nf4_lora, nf4_matmul
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not OPTS.smoke and __name__ == "__main__":
@@ -143,11 +143,8 @@ def lookup(kind: str, fn):
     """``fn`` run with the kernels' code-book lookup set to ``kind`` (the two variants of nf4_dequant._decode)."""
 
     def run():
-        saved, nf4_dequant.LOOKUP = nf4_dequant.LOOKUP, kind
-        try:
+        with dispatch.override_settings(nf4_lookup=kind):
             return fn()
-        finally:
-            nf4_dequant.LOOKUP = saved
 
     return run
 

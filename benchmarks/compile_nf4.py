@@ -71,7 +71,7 @@ def compile_one(fn, signature: dict, constexprs: dict, arch: int, warps: int, st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--lookup", default=nf4_dequant.LOOKUP, choices=["gather", "load"])
+    p.add_argument("--lookup", default=nf4_dequant.lookup(), choices=["gather", "load"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     opts = p.parse_args()
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[opts.dtype]

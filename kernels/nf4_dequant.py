@@ -18,19 +18,14 @@ Importing it imports triton; ``lowrank`` only imports it for CUDA tensors (see `
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from lowrank import dispatch as _dispatch
 from lowrank import nf4 as _nf4
 
-# ------------------------------------------------------------------------------------------------- reference
-
-
-# ``lowrank.nf4.dequantize``: the one definition of the math, and what the kernel is tested against bit for bit.
-
+# The reference is ``lowrank.nf4.dequantize``: the one definition of the math, tested against bit for bit.
 
 # ------------------------------------------------------------------------------------------------- kernels
 
@@ -128,11 +123,14 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # 2048 bytes (4096 elements) per program with 4 warps: 16 bytes per thread per load. A deterministic rule, not
 # autotuned (element-wise kernel); to be confirmed by benchmarks/bench_nf4.py on a GPU.
 _DEQUANT_BYTES, _DEQUANT_WARPS = 2048, 4
-# Code-book lookup of every kernel (see _decode), read at each launch; LOWRANK_NF4_LOOKUP=load picks the other.
-# "gather" until a GPU measurement says otherwise. benchmarks/compile_nf4.py, sm_90: the first matmul version
-# (global-load lookup, one absmax per byte) needed 303 KB of shared memory for a 16x64x256 tile (over the 227 KB
-# limit); with "gather" and one absmax per block it needs 45 KB and no spills (8 warps).
-LOOKUP = os.environ.get("LOWRANK_NF4_LOOKUP", "gather")
+
+
+def lookup() -> str:
+    """The code-book lookup of every kernel (see _decode): ``lowrank.dispatch.settings().nf4_lookup``, set by
+    LOWRANK_NF4_LOOKUP (default "gather" until a GPU measurement says otherwise). benchmarks/compile_nf4.py,
+    sm_90: the first matmul version (global-load lookup, one absmax per byte) needed 303 KB of shared memory for
+    a 16x64x256 tile (over the 227 KB limit); with "gather" and one absmax per block it needs 45 KB, no spills."""
+    return _dispatch.settings().nf4_lookup
 
 
 def interpreting() -> bool:
@@ -203,7 +201,7 @@ def dequantize(w: _nf4.NF4Tensor, dtype: torch.dtype | None = None, *, bytes_per
         raise ValueError(f"bytes_per_program must be a power of two, got {nbytes}")
     grid = (triton.cdiv((n + 1) // 2, nbytes),)
     _dequant_kernel[grid](
-        *args, out, n, BLOCK_SIZE=w.block_size, BYTES=nbytes, DOUBLE_QUANT=w.double_quant, LOOKUP=LOOKUP,
+        *args, out, n, BLOCK_SIZE=w.block_size, BYTES=nbytes, DOUBLE_QUANT=w.double_quant, LOOKUP=lookup(),
         INTERPRET=interpreting(), num_warps=_DEQUANT_WARPS, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out

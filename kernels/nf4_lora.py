@@ -17,7 +17,7 @@ it; the unfused layer does the same ``A.to(x.dtype)``), returned in float32, unr
 once to x's dtype, as its unfused ``F.linear(x, A)`` would (cuBLAS also accumulates in float32 and rounds once).
 
 Limits: r <= ``MAX_R``; larger adapters, the "dequant" route (asked for, or "auto" above ``SMALL_M`` rows while
-``LARGE_M_METHOD`` is "dequant"), an odd K and M = 0 fall back to ``matmul`` plus a torch float32 ``x @ A^T``.
+``large_m_method()`` is "dequant"), an odd K and M = 0 fall back to ``matmul`` plus a torch float32 ``x @ A^T``.
 """
 
 from __future__ import annotations
@@ -36,16 +36,12 @@ from . import nf4_matmul as _mm
 MAX_R = 32
 
 # ------------------------------------------------------------------------------------------------- reference
+# (for the weight: ``lowrank.nf4.dequantize``; the fallback's x A^T below)
 
 
 def _xa_float32(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x @ A^T`` in float32 from x and A rounded to x's dtype: (..., K) @ (K, r) -> (..., r)."""
     return x.float() @ a.to(x.dtype).float().T
-
-
-def reference_matmul_lora(x: torch.Tensor, w: _nf4.NF4Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x @ W^T, x @ A^T)``: (M, K) -> (M, N) in x's dtype and (M, r) in float32, the torch reference."""
-    return _mm.reference_matmul(x, w), _xa_float32(x, a)
 
 
 # ------------------------------------------------------------------------------------------------- launcher

@@ -8,9 +8,9 @@ Two routes, chosen per call by ``method`` (and the number of rows M of x):
   into a float32 partial sum; a ``torch.sum`` over the splits finishes (deterministic, no atomics).
 * ``"dequant"``: dequantize the whole weight (``nf4_dequant``) and call ``torch.matmul`` (cuBLAS).
 
-``"auto"`` takes the fused split-K kernel for M <= 16 and ``LARGE_M_METHOD`` above. ``LARGE_M_METHOD`` is
-"dequant" until benchmarks/bench_nf4.py measures both on a GPU (issue 4: whichever is faster at M = 8192);
-``LOWRANK_NF4_LARGE_M=fused|dequant`` overrides it.
+``"auto"`` takes the fused split-K kernel for M <= 16 and ``large_m_method()`` above: "dequant" until
+benchmarks/bench_nf4.py measures both on a GPU (issue 4: whichever is faster at M = 8192);
+``LOWRANK_NF4_LARGE_M=fused|dequant`` overrides it (read by ``lowrank.dispatch.settings()``).
 
 Layout limits: the fused kernels decode whole bytes along a row, so they need an even K (every row then starts
 on a byte boundary); blocks may still cross rows (the block comes from the flat index). An odd K (an odd
@@ -25,29 +25,17 @@ rounds it; products accumulate in float32 (``tl.dot``; float32 inputs use IEEE f
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from lowrank import dispatch as _dispatch
 from lowrank import nf4 as _nf4
 
 from . import nf4_dequant as _dequant
 from .nf4_dequant import LAUNCH_OPTIONS, _block_absmax, _cast, _decode, _weight_args, dequantize, interpreting
 
-# ------------------------------------------------------------------------------------------------- reference
-
-
-def reference_weight(w: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) in ``dtype`` as every path here uses it: rounded to ``lowrank.nf4.rounding_dtype``, then cast."""
-    return _nf4.dequantize(w, _nf4.rounding_dtype(w, dtype)).to(dtype)
-
-
-def reference_matmul(x: torch.Tensor, w: _nf4.NF4Tensor) -> torch.Tensor:
-    """``x @ W^T`` in x's dtype: (M, K) @ (K, N) -> (M, N), the torch reference."""
-    return x @ reference_weight(w, x.dtype).T
-
+# The reference is ``x @ lowrank.nf4.dequantize(W, lowrank.nf4.rounding_dtype(W, x.dtype)).to(x.dtype).T``.
 
 # ------------------------------------------------------------------------------------------------- kernels
 
@@ -205,7 +193,13 @@ def _grad_x_kernel(
 # ------------------------------------------------------------------------------------------------- launchers
 
 SMALL_M = 16  # M <= SMALL_M: split-K kernel (one 16-row tile: the smallest tl.dot tile on NVIDIA tensor cores)
-LARGE_M_METHOD = os.environ.get("LOWRANK_NF4_LARGE_M", "dequant")
+
+
+def large_m_method() -> str:
+    """The route for M > SMALL_M under "auto": ``lowrank.dispatch.settings().nf4_large_m`` (LOWRANK_NF4_LARGE_M)."""
+    return _dispatch.settings().nf4_large_m
+
+
 _METHODS = ("auto", "fused", "dequant")
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _DTYPES = tuple(_TL_DTYPES)
@@ -287,7 +281,7 @@ def _route(x, w, red, out_cols, name, method, config):
         x2 = x2.contiguous()
     m = x2.shape[0]
     if method == "auto":
-        method = "fused" if m <= SMALL_M else LARGE_M_METHOD
+        method = "fused" if m <= SMALL_M else large_m_method()
     if method == "dequant" or w.shape[1] % 2 or m == 0:  # odd K: rows do not start on byte boundaries (docstring)
         return None
     config = dict(config) if config is not None else None
@@ -314,7 +308,7 @@ def _launch(kernels, out_block, x2, w, out_cols, split, config, lora=None):
         "PRECISION": "ieee" if x2.dtype == torch.float32 or interpreting() else "tf32",
         "W_DTYPE": _TL_DTYPES[_nf4.rounding_dtype(w, x2.dtype)],
         "GROUPED": k % w.block_size == 0,  # rows start on block boundaries: one absmax per (row, block)
-        "LOOKUP": _dequant.LOOKUP,
+        "LOOKUP": _dequant.lookup(),
         "INTERPRET": interpreting(),
     }
     small, large = kernels
@@ -341,7 +335,7 @@ def matmul(x: torch.Tensor, w: _nf4.NF4Tensor, *, method: str = "auto", config: 
     Args:
         x: input (..., K) on W's device (CUDA, or CPU under TRITON_INTERPRET=1).
         w: NF4 weight of shape (N, K).
-        method: "auto" (split-K fused kernel for M <= 16, else ``LARGE_M_METHOD``), "fused" or "dequant".
+        method: "auto" (split-K fused kernel for M <= 16, else ``large_m_method()``), "fused" or "dequant".
         config: explicit tiles ``{"BLOCK_M", "BLOCK_N", "BLOCK_K", "split", "num_warps", "num_stages"}``
             instead of the autotuner (required under the interpreter).
 
@@ -369,26 +363,3 @@ def matmul_grad_x(
     g2, split, config = route
     out = _launch((_grad_x_small, _grad_x_large), "BLOCK_K", g2, w, k, split, config)
     return out.reshape(*grad_y.shape[:-1], k)
-
-
-# ------------------------------------------------------------------------------------------------- autograd
-
-
-class NF4MatmulFunction(torch.autograd.Function):
-    """``y = x @ W^T`` with a frozen NF4 W; backward ``grad_x = grad_y @ W``, decoded again from the packed
-    bytes (no dequantized weight is saved between forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, x, w, method):
-        ctx.w, ctx.method = w, method  # the NF4Tensor: packed bytes and scales only
-        return matmul(x, w, method=method)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        grad_x = matmul_grad_x(grad_y, ctx.w, method=ctx.method) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
-
-
-def nf4_matmul(x: torch.Tensor, w: _nf4.NF4Tensor, method: str = "auto") -> torch.Tensor:
-    """Differentiable ``x @ W^T`` (W frozen, NF4): (..., K) -> (..., N) through the Triton kernels."""
-    return NF4MatmulFunction.apply(x, w, method)

@@ -17,26 +17,110 @@ kernel, but it cannot be traced on a CPU-only machine; the custom op can.
 has a fake implementation (compile) but no autograd formula: it must not be used where a gradient is needed,
 and ``nf4_lora_linear`` raises if asked to.
 
-Routing, per call: ``LOWRANK_REFERENCE=1`` in the environment forces the reference everywhere (debugging,
-comparisons). Triton is imported only when a CUDA tensor first needs it.
+Routing: CUDA tensors of bf16/fp16/fp32 take the Triton kernels; CPU tensors take ``lowrank.nf4_cpu`` (the
+reference math in reusable scratch memory, bit for bit equal to it); the rest take the reference
+(``lowrank.nf4``). Triton is imported only when a CUDA tensor first needs it.
+
+Settings. Every environment switch of the library is read here, once, when this module is imported, into
+``settings()`` (a frozen ``Settings``); nothing reads the environment in a forward. Tests and benchmarks that
+change a variable call ``reload_settings()`` afterwards. The switches:
+
+* ``LOWRANK_REFERENCE=1``: the torch reference everywhere (no Triton, no CPU scratch path): debugging, comparisons.
+* ``LOWRANK_FUSED_LORA=1``: inference forwards of a LoRA layer over an NF4 base take ``nf4_lora_linear``
+  (``fused_lora_enabled()``; off by default until a GPU measures it).
+* ``LOWRANK_NF4_LOOKUP=gather|load``: the code-book lookup of the Triton kernels (default gather).
+* ``LOWRANK_NF4_LARGE_M=dequant|fused``: the Triton route for M > 16 rows (default dequant).
+
+Any other value of a switch raises ValueError naming the variable (at import, or in ``reload_settings``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
+from . import nf4_cpu
 from .nf4 import NF4Tensor, rounding_dtype
 from .nf4 import dequantize as _reference_dequantize
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The library's environment switches (module docstring), as read by the last ``reload_settings()``."""
+
+    reference: bool = False  # LOWRANK_REFERENCE
+    fused_lora: bool = False  # LOWRANK_FUSED_LORA
+    nf4_lookup: str = "gather"  # LOWRANK_NF4_LOOKUP
+    nf4_large_m: str = "dequant"  # LOWRANK_NF4_LARGE_M
+
+
+# variable -> (field, {accepted value: setting}); unset or empty means the field's default
+_SWITCHES = {
+    "LOWRANK_REFERENCE": ("reference", {"0": False, "1": True}),
+    "LOWRANK_FUSED_LORA": ("fused_lora", {"0": False, "1": True}),
+    "LOWRANK_NF4_LOOKUP": ("nf4_lookup", {"gather": "gather", "load": "load"}),
+    "LOWRANK_NF4_LARGE_M": ("nf4_large_m", {"dequant": "dequant", "fused": "fused"}),
+}
+
+
+def _read_settings(environ) -> Settings:
+    values = {}
+    for var, (field, accepted) in _SWITCHES.items():
+        raw = environ.get(var, "")
+        if raw == "":
+            continue
+        if raw not in accepted:
+            raise ValueError(f"environment variable {var}={raw!r}: expected one of {sorted(accepted)}")
+        values[field] = accepted[raw]
+    return Settings(**values)
+
+
+_settings = _read_settings(os.environ)
+
+
+def settings() -> Settings:
+    """The switches in force (read from the environment at import or by the last ``reload_settings()``)."""
+    return _settings
+
+
+def reload_settings() -> Settings:
+    """Read the ``LOWRANK_*`` environment variables again (after a test or benchmark changed one); returns them.
+
+    Raises:
+        ValueError: a variable holds a value it does not accept (the settings in force are then unchanged).
+    """
+    global _settings
+    _settings = _read_settings(os.environ)
+    return _settings
+
+
+@contextlib.contextmanager
+def override_settings(**changes):
+    """Within the block, ``settings()`` has ``changes`` applied (fields of ``Settings``, e.g. ``reference=True``);
+    restored on exit. For benchmarks that time two routes in one process; not thread-safe."""
+    global _settings
+    saved = _settings
+    _settings = dataclasses.replace(saved, **changes)
+    try:
+        yield _settings
+    finally:
+        _settings = saved
+
+
+def fused_lora_enabled() -> bool:
+    """Whether inference forwards over an NF4 base may take ``nf4_lora_linear`` (``LOWRANK_FUSED_LORA=1``)."""
+    return _settings.fused_lora
+
+
 def _reference_forced() -> bool:
-    return os.environ.get("LOWRANK_REFERENCE", "") == "1"
+    return _settings.reference
 
 
 @functools.cache
@@ -65,14 +149,24 @@ def dequantize(weight: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     rounding = rounding_dtype(weight, dtype)
     if _use_triton(weight.packed, rounding):
         return _kernels()[0].dequantize(weight, rounding).to(dtype)
+    if _use_cpu_path(weight, rounding):
+        return nf4_cpu.dequantize(weight, rounding).to(dtype)
     return _reference_dequantize(weight, rounding).to(dtype)
+
+
+def _use_cpu_path(weight: NF4Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``lowrank.nf4_cpu`` serves this call (CPU weight it supports, reference not forced)."""
+    return not _settings.reference and nf4_cpu.supports(weight, dtype)
 
 
 def _matmul_dequant(x: torch.Tensor, weight: NF4Tensor, transpose: bool) -> torch.Tensor:
     """``x @ W^T`` (forward, x: (M, in)) or ``x @ W`` (backward, x: (M, out)), W dequantized in x.dtype.
 
-    The dequantized W is a temporary freed on return: it costs one (out, in) buffer per layer at a time.
+    The dequantized W is a temporary: on the CPU path a per-thread scratch buffer the next layer overwrites,
+    on the reference path a fresh tensor freed on return. Both give the same bits.
     """
+    if _use_cpu_path(weight, x.dtype):
+        return nf4_cpu.matmul(x, weight, transpose)
     w = dequantize(weight, x.dtype)  # (out, in)
     return x @ w.t() if transpose else x @ w
 

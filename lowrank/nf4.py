@@ -112,7 +112,9 @@ def _raise_non_finite(weight: torch.Tensor, name: str, as_float32: torch.Tensor 
     bad = int((~torch.isfinite(weight)).sum())
     if bad == 0 and as_float32 is not None:
         over = int((~torch.isfinite(as_float32)).sum())
-        raise ValueError(f"{name} holds {over} value(s) beyond the float32 range (|x| > 3.4e38): NF4 scales are float32")
+        raise ValueError(
+            f"{name} holds {over} value(s) beyond the float32 range (|x| > 3.4e38): NF4 scales are float32"
+        )
     raise ValueError(f"{name} holds {bad} NaN/inf value(s): NF4 blocks containing them would be meaningless")
 
 
@@ -194,7 +196,8 @@ def quantize_blockwise(values: torch.Tensor, boundaries: torch.Tensor, block_siz
 
     Returns:
         ``(codes, absmax)``: uint8 (<= 16 boundaries) or int32 [n_blocks * block_size] (the padding of the last
-        block scales to 0), and float32 [n_blocks] with ``absmax[b] = max |x|`` over block b. ``code = #{boundaries < x * (1/absmax)}``.
+        block scales to 0), and float32 [n_blocks] with ``absmax[b] = max |x|`` over block b.
+        ``code = #{boundaries < x * (1/absmax)}``.
     """
     n = values.numel()
     n_blocks = -(-n // block_size)

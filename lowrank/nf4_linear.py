@@ -16,7 +16,6 @@ floating ``weight`` of shape (out_features, in_features), which it quantizes.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ import torch.nn as nn
 from . import nf4 as _nf4
 from ._match import find_targets, is_conv1d, is_linear
 from .dispatch import dequantize as _dequantize
-from .dispatch import nf4_linear, nf4_lora_linear
+from .dispatch import fused_lora_enabled, nf4_linear, nf4_lora_linear
 from .lora import LoRALayer
 from .nf4 import NF4Tensor
 
@@ -192,12 +191,13 @@ class NF4Linear(nn.Module):
     def fused_lora_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(self(x), x A^T)`` from one pass over x (inference only), or None when that route does not apply.
 
-        Applies when ``LOWRANK_FUSED_LORA=1`` (off by default: no GPU measurement yet; benchmarks/bench_nf4.py,
-        entry lora_decode), the layer has no hooks (the route does not call ``forward``) and computes in x's dtype
-        (one x read serves both products). The caller guarantees that no gradient is needed. ``x A^T`` comes back
+        Applies when ``lowrank.dispatch.fused_lora_enabled()`` (``LOWRANK_FUSED_LORA=1``; off by default: no GPU
+        measurement yet; benchmarks/bench_nf4.py, entry lora_decode), the layer has no hooks (the route does not
+        call ``forward``) and computes in x's dtype (one x read serves both products). The caller guarantees that
+        no gradient is needed. ``x A^T`` comes back
         in float32 (float64 for float64 x), not yet rounded to x.dtype.
         """
-        if os.environ.get("LOWRANK_FUSED_LORA", "") != "1" or self._forward_hooks or self._forward_pre_hooks:
+        if not fused_lora_enabled() or self._forward_hooks or self._forward_pre_hooks:
             return None
         if self.compute_dtype not in (None, x.dtype) or x.shape[-1] != self.in_features:
             return None

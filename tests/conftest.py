@@ -30,3 +30,22 @@ def _one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def lowrank_env(monkeypatch):
+    """``lowrank_env(name, value)`` sets (or with None unsets) a LOWRANK_* switch for one test and re-reads the
+    settings (``lowrank.dispatch.reload_settings``), as the library reads them once at import; the environment and
+    the settings are restored after the test."""
+    from lowrank import dispatch
+
+    def set_switch(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        dispatch.reload_settings()
+
+    yield set_switch
+    monkeypatch.undo()
+    dispatch.reload_settings()

@@ -46,23 +46,20 @@ def calls(monkeypatch):
     return seen
 
 
-def _outputs(model, x, monkeypatch, flag):
+def _outputs(model, x, lowrank_env, flag):
     """``model(x)`` with LOWRANK_FUSED_LORA set to ``flag`` (None: unset, the default)."""
-    if flag is None:
-        monkeypatch.delenv("LOWRANK_FUSED_LORA", raising=False)
-    else:
-        monkeypatch.setenv("LOWRANK_FUSED_LORA", flag)
+    lowrank_env("LOWRANK_FUSED_LORA", flag)
     return model(x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_equals_unfused_in_eval_no_grad(dtype, calls, monkeypatch):
+def test_fused_equals_unfused_in_eval_no_grad(dtype, calls, lowrank_env):
     model = _model(dtype).eval()
     x = (torch.randn(3, 7, 64) + 0.2).to(dtype)  # leading batch dimensions, non-zero mean
     with torch.no_grad():
-        unfused = _outputs(model, x, monkeypatch, "0")
+        unfused = _outputs(model, x, lowrank_env, "0")
         assert calls == []
-        fused = _outputs(model, x, monkeypatch, "1")
+        fused = _outputs(model, x, lowrank_env, "1")
     assert calls == [(3, 7, 64), (3, 7, 96)]  # both NF4 layers; the dense head "4" is not an NF4 base
     assert fused.dtype == dtype and torch.equal(fused, unfused)
     with torch.inference_mode():
@@ -79,32 +76,32 @@ def test_fused_equals_unfused_in_eval_no_grad(dtype, calls, monkeypatch):
     assert ((got - expect).abs().max() / expect.abs().max()).item() < tol
 
 
-def test_fused_with_grad_mode_on_when_nothing_requires_grad(calls, monkeypatch):
+def test_fused_with_grad_mode_on_when_nothing_requires_grad(calls, lowrank_env):
     # Grad mode on, but x, A, B and the bias need no gradient: the fused op may run (nothing to differentiate).
     model = _model().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(4, 64)
     assert torch.is_grad_enabled()
-    fused = _outputs(model, x, monkeypatch, "1")
+    fused = _outputs(model, x, lowrank_env, "1")
     assert len(calls) == 2 and not fused.requires_grad
-    assert torch.equal(fused, _outputs(model, x, monkeypatch, "0"))
+    assert torch.equal(fused, _outputs(model, x, lowrank_env, "0"))
 
 
-def test_training_mode_without_dropout_under_no_grad_is_fused(calls, monkeypatch):
+def test_training_mode_without_dropout_under_no_grad_is_fused(calls, lowrank_env):
     model = _model(dropout=0.0).train()
     with torch.no_grad():
-        _outputs(model, torch.randn(2, 64), monkeypatch, "1")
+        _outputs(model, torch.randn(2, 64), lowrank_env, "1")
     assert len(calls) == 2
 
 
 @pytest.mark.parametrize("case", ["grad_needed", "dropout_training", "merged", "disabled", "flag_unset",
-                                  "flag_not_1", "compute_dtype", "base_hook"])  # fmt: skip
-def test_fused_route_not_taken(case, calls, monkeypatch):
+                                  "flag_0", "compute_dtype", "base_hook"])  # fmt: skip
+def test_fused_route_not_taken(case, calls, lowrank_env):
     model = _model(dropout=0.1 if case == "dropout_training" else 0.0)
     model.train(case == "dropout_training")
     x = torch.randn(2, 5, 64)
-    flag = {"flag_unset": None, "flag_not_1": "true"}.get(case, "1")  # off by default; only "1" switches it on
+    flag = {"flag_unset": None, "flag_0": "0"}.get(case, "1")  # off by default and with "0"; "1" switches it on
     if case == "merged":
         lowrank.merge(model)
     if case == "disabled":
@@ -117,12 +114,12 @@ def test_fused_route_not_taken(case, calls, monkeypatch):
         for i in (0, 2):
             model[i].base.register_forward_pre_hook(lambda m, args: hooked.append(m))
     if case == "grad_needed":
-        out = _outputs(model, x, monkeypatch, flag)
+        out = _outputs(model, x, lowrank_env, flag)
         out.square().sum().backward()  # the unfused route is differentiable: A and B get gradients
         assert model[0].lora_A.grad is not None and model[2].lora_B.grad is not None
     else:
         with torch.no_grad():
-            out = _outputs(model, x, monkeypatch, flag)
+            out = _outputs(model, x, lowrank_env, flag)
     assert calls == []
     if case == "base_hook":
         assert len(hooked) == 2
@@ -153,7 +150,7 @@ def test_op_registration_passes_opcheck():
     torch.library.opcheck(torch.ops.lowrank.nf4_lora_matmul.default, (torch.randn(3, 64), *weight, torch.randn(8, 64)))
 
 
-def test_compile_fullgraph_takes_the_fused_op(monkeypatch):
+def test_compile_fullgraph_takes_the_fused_op(lowrank_env):
     torch._dynamo.reset()
     seen = []
 
@@ -163,7 +160,7 @@ def test_compile_fullgraph_takes_the_fused_op(monkeypatch):
 
     model = _model().eval()
     x = torch.randn(3, 5, 64)
-    monkeypatch.setenv("LOWRANK_FUSED_LORA", "1")
+    lowrank_env("LOWRANK_FUSED_LORA", "1")
     with torch.no_grad():
         eager = model(x)
         traced = torch.compile(model, fullgraph=True, backend=backend)(x)

@@ -62,7 +62,7 @@ def test_compile_fullgraph_matches_eager_on_cpu():
     out, grads = _loss_and_grads(compiled, x)
     torch.testing.assert_close(out, eager_out, rtol=RTOL, atol=ATOL)
     assert len(grads) == len(eager_grads) == 6  # A and B of three adapted layers
-    for g, ge in zip(grads, eager_grads):
+    for g, ge in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, ge, rtol=RTOL, atol=ATOL)
     # The function itself, independently: the dense float64 equivalent of layer 0, dequantized W + scale B A with
     # scale = alpha / r = 8 / 4.
@@ -105,8 +105,8 @@ class _CudaLike:
         self.dtype = dtype
 
 
-def test_triton_serves_cuda_tensors_of_kernel_dtypes_unless_forced(monkeypatch):
-    monkeypatch.delenv("LOWRANK_REFERENCE", raising=False)
+def test_triton_serves_cuda_tensors_of_kernel_dtypes_unless_forced(monkeypatch, lowrank_env):
+    lowrank_env("LOWRANK_REFERENCE", None)
     # Triton importable, without importing it here (this process never imports triton: see _interpreter.py).
     monkeypatch.setattr(dispatch, "_kernels", lambda: ("nf4_dequant", "nf4_matmul", "nf4_lora"))
     assert all(dispatch._use_triton(_CudaLike(d)) for d in (torch.float32, torch.bfloat16, torch.float16))
@@ -115,11 +115,11 @@ def test_triton_serves_cuda_tensors_of_kernel_dtypes_unless_forced(monkeypatch):
     # dequantize asks with the packed (uint8) storage and the dtype W is rounded to.
     assert dispatch._use_triton(_CudaLike(torch.uint8), torch.bfloat16)
     assert not dispatch._use_triton(_CudaLike(torch.uint8), torch.float64)
-    monkeypatch.setenv("LOWRANK_REFERENCE", "0")  # only "1" forces the reference
+    lowrank_env("LOWRANK_REFERENCE", "0")  # "0" is the default: Triton
     assert dispatch._use_triton(_CudaLike(torch.float32))
-    monkeypatch.setenv("LOWRANK_REFERENCE", "1")
+    lowrank_env("LOWRANK_REFERENCE", "1")
     assert dispatch._reference_forced() and not dispatch._use_triton(_CudaLike(torch.float32))
-    monkeypatch.delenv("LOWRANK_REFERENCE")
+    lowrank_env("LOWRANK_REFERENCE", None)
     monkeypatch.setattr(dispatch, "_kernels", lambda: None)  # no triton on this platform: the reference serves
     assert not dispatch._use_triton(_CudaLike(torch.float32))
 
@@ -174,7 +174,7 @@ def _count_calls(monkeypatch, module, *names) -> list[str]:
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_kernel_path_matches_reference_path(kernels, monkeypatch, device, dtype, compiled):
+def test_kernel_path_matches_reference_path(kernels, monkeypatch, lowrank_env, device, dtype, compiled):
     # The same model on the Triton path and on the forced reference path (LOWRANK_REFERENCE=1): outputs and
     # adapter gradients. M = 10 rows take the fused split-K kernels; M = 28 the dequantize kernel + torch.matmul
     # (eager only: each compile costs seconds in the interpreter).
@@ -184,7 +184,7 @@ def test_kernel_path_matches_reference_path(kernels, monkeypatch, device, dtype,
         x = torch.randn(*shape, device=device, dtype=dtype)
         results = {}
         for name, forced in (("triton", "0"), ("reference", "1")):
-            monkeypatch.setenv("LOWRANK_REFERENCE", forced)
+            lowrank_env("LOWRANK_REFERENCE", forced)
             torch._dynamo.reset()
             model = _model(device, dtype)
             assert dispatch._use_triton(x) == (forced == "0")
@@ -196,12 +196,12 @@ def test_kernel_path_matches_reference_path(kernels, monkeypatch, device, dtype,
         # layers; float32: the same sums in another order, a few ulps of activations of size ~1.
         tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
         torch.testing.assert_close(results["triton"][0], results["reference"][0], **tol)
-        for g, ge in zip(results["triton"][1], results["reference"][1]):
+        for g, ge in zip(results["triton"][1], results["reference"][1], strict=True):
             torch.testing.assert_close(g, ge, **tol)
 
 
 @pytest.mark.parametrize("device", devices())
-def test_dequantize_routes_to_the_kernel_bit_exact(kernels, monkeypatch, device):
+def test_dequantize_routes_to_the_kernel_bit_exact(kernels, monkeypatch, lowrank_env, device):
     _route_cpu_to_triton(monkeypatch, device)
     launches = _count_calls(monkeypatch, kernels.dequant, "dequantize")
     q = nf4.quantize(torch.randn(300, 33, device=device), 64, True)
@@ -211,5 +211,5 @@ def test_dequantize_routes_to_the_kernel_bit_exact(kernels, monkeypatch, device)
     q16 = nf4.quantize(torch.randn(40, 64, device=device, dtype=torch.bfloat16), 64, True)
     assert torch.equal(dispatch.dequantize(q16, torch.float64), nf4.dequantize(q16, torch.bfloat16).double())
     assert launches == ["dequantize"] * 4  # every call above ran the kernel
-    monkeypatch.setenv("LOWRANK_REFERENCE", "1")
+    lowrank_env("LOWRANK_REFERENCE", "1")
     assert torch.equal(dispatch.dequantize(q), nf4.dequantize(q)) and len(launches) == 4  # forced: the reference

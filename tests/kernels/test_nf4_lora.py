@@ -98,9 +98,7 @@ def test_fallbacks_give_the_same_results(kernels, lora, device, m, k, r, method)
     assert xa.shape == (m, r) and xa.dtype == torch.float32
     if m:
         assert_within_bound(xa, x, a.T, torch.float32)
-        ref_y, ref_xa = lora.reference_matmul_lora(x, q, a)
-        torch.testing.assert_close(xa, ref_xa, rtol=0, atol=0)  # the fallback is the reference's torch product
-        assert_within_bound(ref_y, x, nf4.dequantize(q, torch.float32).T, torch.float32)
+        assert_within_bound(y, x, nf4.dequantize(q, torch.float32).T, torch.float32)
 
 
 @pytest.mark.parametrize("device", devices())
