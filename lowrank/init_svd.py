@@ -1,0 +1,184 @@
+"""SVD-based adapter initialisations: PiSSA and LoftQ, as functions of one dense weight.
+
+Both return an adapter (A, B) that carries part of the weight and a new frozen base that carries the rest, so the
+layer's output ``base(x) + scale * B A x`` starts (close to) the original ``W x``:
+
+* PiSSA (arXiv 2404.02948): the principal part. ``W = U S V^T``, ``A = sqrt(S_r) V_r^T / sqrt(scale)``,
+  ``B = U_r sqrt(S_r) / sqrt(scale)`` (so ``scale * B A = U_r S_r V_r^T``) and the base becomes the residual
+  ``W - scale * B A``.
+* LoftQ (arXiv 2310.08659): a quantized base plus the low-rank fit of its error. ``R = W``; repeat
+  ``Q = nf4(R)``, ``(B, A) = rank-r SVD of (W - deq(Q))``, ``R = W - scale * B A``; the base becomes ``Q``.
+
+Weights are (out_features, in_features); A is (r, in), B is (out, r), float32 (float64 for a float64 weight).
+The SVD is full (``torch.linalg.svd``, exact) or randomized (``niter`` subspace iterations of
+``torch.svd_lowrank``, PEFT's ``pissa_niter_K``): O(out * in * r) instead of O(out * in * min(out, in)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import nf4 as _nf4
+
+
+def _check(weight: torch.Tensor, r: int, scale: float, name: str) -> None:
+    """Raise a TypeError / ValueError naming ``name`` if the weight, rank or scale cannot be used."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"{name}: expected a 2-D (out_features, in_features) weight tensor, got {shape}")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name}: an SVD init needs a floating-point dense weight, got {weight.dtype}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{name}: r must be an int >= 1, got {r!r}")
+    if r > min(weight.shape):
+        raise ValueError(f"{name}: r={r} is larger than min(out_features, in_features) = {min(weight.shape)}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: scale must be a finite number > 0, got {scale!r}")
+    if weight.device.type == "meta":
+        raise ValueError(f"{name}: the weight is on the meta device: load the weights first")
+    if not bool(torch.isfinite(weight.detach()).all()):
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        raise ValueError(f"{name}: the weight holds {bad} NaN/inf value(s): its SVD would be meaningless")
+
+
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def top_r_svd(w: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r largest singular triplets of a float32/float64 matrix ``w`` (m, n): ``U_r (m, r), S_r (r,), V_r (n, r)``.
+
+    ``niter=None``: the full SVD, truncated. ``niter=k``: randomized (Halko et al.) with k power iterations and
+    ``q = min(2r, m, n)`` columns (oversampling to 2r keeps the top r close to exact on the decaying spectra of
+    trained weights at twice the cost of q = r, which PEFT uses). The random test matrix comes from a fixed seed
+    in a forked RNG, so the result is reproducible and the caller's RNG state is untouched.
+    """
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r].T
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"niter must be None (full SVD) or an int >= 0, got {niter!r}")
+    q = min(2 * r, *w.shape)
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+    return u[:, :r], s[:r], v[:, :r]
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with ``scale * B A = U S V^T``: each factor takes sqrt(S / scale)."""
+    root = (s / scale).sqrt()
+    return (root[:, None] * v.T).contiguous(), (u * root[None, :]).contiguous()  # (r, n), (m, r)
+
+
+def pissa(
+    weight: torch.Tensor, r: int, scale: float, *, niter: int | None = None, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA: the adapter takes the top-r singular part of W, the base keeps the residual.
+
+    ``A = sqrt(S_r) V_r^T / sqrt(scale)``, ``B = U_r sqrt(S_r) / sqrt(scale)``, ``residual = W - scale * B A``
+    (computed in float32, float64 for a float64 W, and rounded once to W's dtype).
+
+    Args:
+        weight: dense W (out_features, in_features), float16/bfloat16/float32/float64, finite.
+        r: rank, 1 <= r <= min(out_features, in_features). scale: the adapter's multiplier (alpha / r).
+        niter: None for the full SVD, else the randomized SVD with this many power iterations.
+        name: the layer's name, for error messages.
+
+    Returns:
+        ``(A (r, in), B (out, r), residual (out, in))``; A and B in float32 (float64 for a float64 W), the
+        residual in W's dtype, all on W's device.
+
+    Raises:
+        TypeError: W is not a 2-D floating tensor. ValueError: bad r / scale / niter, NaN/inf in W.
+    """
+    _check(weight, r, scale, name)
+    with torch.no_grad():
+        w = weight.detach().to(_work_dtype(weight))
+        a, b = _split(*top_r_svd(w, r, niter), scale)
+        residual = (w - scale * (b @ a)).to(weight.dtype)
+    return a, b, residual
+
+
+@dataclass
+class LoftQResult:
+    """What `loftq` returns.
+
+    Attributes:
+        A: (r, in) float32. B: (out, r) float32. base: the NF4Tensor Q (W's dtype and shape).
+        error: ``||W - deq(Q) - scale * B A||_F``. error_nf4: ``||W - deq(nf4(W))||_F``, plain QLoRA's error.
+        errors: ``error`` after each iteration (the returned iterate is the one with the smallest).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    base: _nf4.NF4Tensor
+    error: float
+    error_nf4: float
+    errors: list[float]
+
+    @property
+    def ratio(self) -> float:
+        """``error / error_nf4``: below 1 when LoftQ approximates W better than NF4 alone (0/0 counts as 0)."""
+        return self.error / self.error_nf4 if self.error_nf4 > 0 else 0.0
+
+
+def _dequantized(q: _nf4.NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # What the NF4 layer multiplies with: W rounded to its 16-bit original dtype, if it had one (nf4.rounding_dtype).
+    return _nf4.dequantize(q, _nf4.rounding_dtype(q, dtype)).to(dtype)
+
+
+def loftq(
+    weight: torch.Tensor,
+    r: int,
+    scale: float,
+    *,
+    iters: int = 5,
+    niter: int | None = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+    name: str = "weight",
+) -> LoftQResult:
+    """LoftQ on lowrank's NF4: a quantized base Q and an adapter with ``deq(Q) + scale * B A ~ W``.
+
+    ``R_0 = W``; for t = 1..iters: ``Q_t = nf4(R_{t-1})`` (R rounded to W's dtype first, as a saved residual
+    model would be), ``(B_t, A_t)`` = the rank-r SVD of ``W - deq(Q_t)`` split as in `pissa`,
+    ``R_t = W - scale * B_t A_t``. Returns the iterate with the smallest ``||W - deq(Q_t) - scale B_t A_t||_F``;
+    the first one already beats ``deq(nf4(W))`` alone (the rank-r SVD of the NF4 error removes part of it), so
+    ``ratio < 1`` whenever NF4 has any error. Unlike PEFT (which fits ``B A``, ignoring lora_alpha / r), the
+    fit is for ``scale * B A``, the term the layer adds. Deterministic: the randomized SVD uses a fixed seed.
+
+    Args:
+        weight: dense float W (out, in), finite (a quantized weight cannot be used: dequantize it first, or
+            better use the float original).
+        r: rank <= min(out, in). scale: the adapter's multiplier. iters: alternations, >= 1 (PEFT: 1, the
+            paper: up to 5). niter: None for the full SVD, else randomized with this many power iterations.
+        block_size, double_quant: the NF4 format of Q (as `lowrank.quantize`). name: for error messages.
+
+    Raises:
+        TypeError / ValueError: as `pissa`, plus iters < 1 and bad NF4 arguments.
+    """
+    _check(weight, r, scale, name)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{name}: iters must be an int >= 1, got {iters!r}")
+    _nf4.check_block_size(block_size)
+    dtype = _work_dtype(weight)
+    with torch.no_grad():
+        w = weight.detach().to(dtype)
+        error_nf4 = float(torch.linalg.norm(w - _dequantized(_nf4.quantize(weight, block_size, double_quant), dtype)))
+        best, errors, residual = None, [], weight.detach()
+        for _ in range(iters):
+            q = _nf4.quantize(residual, block_size, double_quant)
+            target = w - _dequantized(q, dtype)  # what the adapter should carry
+            a, b = _split(*top_r_svd(target, r, niter), scale)
+            fit = scale * (b @ a)
+            errors.append(float(torch.linalg.norm(target - fit)))
+            if best is None or errors[-1] < best[0]:
+                best = (errors[-1], a, b, q)
+            residual = (w - fit).to(weight.dtype)
+    error, a, b, q = best
+    return LoftQResult(A=a, B=b, base=q, error=error, error_nf4=error_nf4, errors=errors)
