@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from . import nf4 as _nf4
 
@@ -182,3 +183,123 @@ def loftq(
             residual = (w - fit).to(weight.dtype)
     error, a, b, q = best
     return LoftQResult(A=a, B=b, base=q, error=error, error_nf4=error_nf4, errors=errors)
+
+
+# --- as layer initialisations (lowrank.init.INITS: "pissa", "pissa_niter_<k>", "loftq") ------------------------
+# A base-changing init records what it replaced in ``layer.__dict__["_svd_init"]`` (never in a state dict):
+# `restore_base` undoes it when the adapter leaves (eject, delete_adapter).
+
+
+def check_layer(kind: str, layer_name: str, layer, adapter) -> None:
+    """Raise (naming the layer) if init ``kind`` ("pissa" / "loftq") cannot give ``adapter`` (not added yet) its
+    values on ``layer``; changes nothing. `lowrank.inject` calls it for every target before it changes any."""
+    where = layer_name or type(layer).__name__
+    view = layer.view
+    if getattr(layer, "_svd_init", None) is not None:
+        raise ValueError(f"{where}: its base was already changed by {layer._svd_init['kind']!r} for adapter "
+                         f"{layer._svd_init['adapter']!r}; a second base-changing init would not be undoable")  # fmt: skip
+    if view.quantized:
+        hint = "LoftQ quantizes the float weights itself: inject into the unquantized model" if kind == "loftq" else (
+            "PiSSA needs the dense weight: use init='loftq' on the float model for an NF4 base")  # fmt: skip
+        raise ValueError(f"{where}: init={kind!r} on an already-quantized base ({type(view.module).__name__}); {hint}")
+    _check(view.dense_weight(), adapter.r, adapter.scale, where)
+
+
+def _record(layer, kind: str, adapter_name: str, **kept) -> None:
+    layer.__dict__["_svd_init"] = {"kind": kind, "adapter": adapter_name, **kept}
+
+
+def pissa_layer(layer, adapter_name: str, niter: int | None = None) -> None:
+    """PiSSA on one LoRA layer: A, B from the base's top-r SVD, the base weight becomes the residual.
+
+    The original weight Parameter is kept aside (not registered) and goes back on eject / delete_adapter, so those
+    are exact; the cost is one extra copy of each adapted weight while the adapter exists (SmolLM2-135M, all
+    linear layers, bf16: 212 MB).
+    """
+    view, adapter = layer.view, layer.adapters[adapter_name]
+    a, b, residual = pissa(view.dense_weight(), adapter.r, adapter.scale, niter=niter)
+    original = view.stored_weight()
+    with torch.no_grad():
+        adapter.lora_A.copy_(a)
+        adapter.lora_B.copy_(b)
+        stored = residual.T.contiguous() if view.fan_in_fan_out else residual
+    # A new Parameter, not copy_: a weight tied to another module (an output head) must not change there.
+    layer.base.weight = nn.Parameter(stored, requires_grad=False)
+    _record(layer, "pissa", adapter_name, original=original, A0=adapter.lora_A.detach().clone(),
+            B0=adapter.lora_B.detach().clone())  # fmt: skip
+
+
+def loftq_layer(layer, adapter_name: str, iters: int = 5, niter: int | None = 4, block_size: int = 64,
+                double_quant: bool = True) -> LoftQResult:  # fmt: skip
+    """LoftQ on one LoRA layer: the base becomes an ``NF4Linear`` holding Q, A and B the fit of W - deq(Q).
+
+    Eject / delete_adapter put the original module back with its weight rebuilt as ``deq(Q) + s B0 A0`` (the
+    init's A0, B0) in its dtype: within the reported ``||W - deq(Q) - s B0 A0||`` of W (LoftQ's error, below
+    plain NF4's) plus one rounding. Keeping W itself would cost the float weights QLoRA saves; the original
+    module's weight storage is released while the adapter exists.
+    """
+    from .base import base_view
+    from .nf4_linear import NF4Linear
+
+    view, adapter = layer.view, layer.adapters[adapter_name]
+    original = layer.base
+    w = view.dense_weight()
+    res = loftq(w, adapter.r, adapter.scale, iters=iters, niter=niter, block_size=block_size,
+                double_quant=double_quant, name=type(original).__name__)  # fmt: skip
+    new = NF4Linear(view.in_features, view.out_features, False, block_size, double_quant, None, w.dtype, w.device)
+    new._store(res.base)  # the NF4Linear's one layout map (same package)
+    new.from_conv1d = view.fan_in_fan_out
+    bias = view.bias
+    new.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    new.train(original.training)
+    with torch.no_grad():
+        adapter.lora_A.copy_(res.A)
+        adapter.lora_B.copy_(res.B)
+    shape, dtype = original.weight.shape, original.weight.dtype
+    original.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=w.device), requires_grad=False)
+    layer.base = new
+    layer.__dict__["view"] = base_view(new)
+    _record(layer, "loftq", adapter_name, original=original, shape=shape, A0=adapter.lora_A.detach().clone(),
+            B0=adapter.lora_B.detach().clone(), error=res.error, error_nf4=res.error_nf4)  # fmt: skip
+    return res
+
+
+def restore_base(layer, adapter_name: str | None = None) -> None:
+    """Undo a PiSSA / LoftQ base change of ``layer`` (only if it belongs to ``adapter_name``, when given)."""
+    rec = layer.__dict__.get("_svd_init")
+    if rec is None or (adapter_name is not None and rec["adapter"] != adapter_name):
+        return
+    if rec["kind"] == "pissa":
+        original = rec["original"]
+        if original.device != layer.base.weight.device:  # the model moved since: follow it, keep the object
+            original.data = original.data.to(layer.base.weight.device)
+        layer.base.weight = original
+    else:
+        original, scale = rec["original"], layer.adapters[rec["adapter"]].scale
+        with torch.no_grad():
+            deq = layer.view.dense_weight(torch.float32)
+            b0, a0 = rec["B0"].to(deq.device, torch.float32), rec["A0"].to(deq.device, torch.float32)
+            w = (deq + scale * (b0 @ a0)).to(original.weight.dtype)
+        from .base import base_view
+
+        w = w.T.contiguous() if base_view(original).fan_in_fan_out else w  # Conv1D stores (in, out)
+        original.weight = nn.Parameter(w.reshape(rec["shape"]), requires_grad=False)
+        layer.base = original
+        layer.__dict__["view"] = base_view(original)
+    layer.__dict__["_svd_init"] = None
+
+
+def pissa_as_lora(layer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A PiSSA adapter rewritten for the unmodified base W: ``A' = [A; A0]`` (2r, in), ``B' = [B, -B0]`` (out, 2r).
+
+    W_res + s B A = W + s (B A - B0 A0) = W + s B' A'. With rank 2r the scale s is kept by alpha' = 2 alpha
+    (rsLoRA: sqrt(2) alpha), as PEFT's ``path_initial_model_for_weight_conversion``. None for a layer whose base
+    this adapter did not change.
+    """
+    rec = layer.__dict__.get("_svd_init")
+    if rec is None or rec["adapter"] != adapter_name or rec["kind"] != "pissa":
+        return None
+    adapter = layer.adapters[adapter_name]
+    a = torch.cat([adapter.lora_A.detach(), rec["A0"].to(adapter.lora_A.dtype)], 0)
+    b = torch.cat([adapter.lora_B.detach(), -rec["B0"].to(adapter.lora_B.dtype)], 1)
+    return a, b
