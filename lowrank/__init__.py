@@ -11,40 +11,47 @@ Importing this package does no work: no CUDA initialisation, no triton import, n
 """
 
 from . import nf4, testing
-from .inject import (
-    adapter_parameters,
-    adapter_state_dict,
+from .adapter import LoRAAdapter
+from .adapters import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
     disabled,
-    eject,
-    inject,
     lora_layers,
-    merge,
-    summary,
-    unmerge,
+    mixed_batch,
+    set_adapter,
 )
+from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
 from .io import load_adapter, save_adapter, save_merged
-from .lora import LoRALinear
+from .lora import LoRALayer, LoRALinear
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAAdapter",
+    "LoRALayer",
     "LoRALinear",
     "NF4Linear",
     "NF4Tensor",
+    "active_adapters",
+    "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "delete_adapter",
     "disabled",
     "eject",
     "inject",
     "load_adapter",
     "lora_layers",
     "merge",
+    "mixed_batch",
     "nf4",
     "quantize",
     "save_adapter",
     "save_merged",
+    "set_adapter",
     "summary",
     "testing",
     "unmerge",

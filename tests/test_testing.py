@@ -124,5 +124,5 @@ def test_nf4_base_is_compared_with_its_dequantized_weight():
 
 
 def test_no_adapters_is_an_error():
-    with pytest.raises(ValueError, match="has no LoRALinear layers"):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
         compare_with_dense(nn.Linear(2, 2), torch.randn(1, 2))
