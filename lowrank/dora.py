@@ -21,8 +21,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .adapter import LoRAAdapter
 
@@ -72,8 +72,6 @@ def merged_weight(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
     return (magnitude.to(wide) / dense_weight_norm(w0, delta))[:, None] * w
 
 
-
-
 # --- the adapter ------------------------------------------------------------------------------------------------
 
 
@@ -81,7 +79,9 @@ def _signature(module: nn.Module) -> tuple:
     """Identity and version of every tensor of a base module: changes when a weight is replaced or written in
     place (``copy_``, ``load_state_dict``), so a cached ``||W0||^2`` is recomputed. (A write through ``.data``
     bypasses version counters; nothing in lowrank does that to a base.)"""
-    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers()))
+    return tuple(
+        (t.data_ptr(), t._version, t.device, t.dtype) for t in itertools.chain(module.parameters(), module.buffers())
+    )
 
 
 class DoRAAdapter(LoRAAdapter):

@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-import torch.nn as nn
+from torch import nn
 
 from .adapter import LoRAAdapter
 from .adapters import lora_layers
@@ -66,8 +66,15 @@ def save_pissa_as_lora(model: nn.Module, path: str | os.PathLike, adapter_name: 
             plain.append(name)
             continue
         alpha = adapter.alpha * (math.sqrt(2) if adapter.rslora else 2)
-        twin = LoRAAdapter(adapter.in_features, adapter.out_features, 2 * adapter.r, alpha, adapter.dropout_p,
-                           adapter.rslora, device="meta")  # fmt: skip  (only its hyper-parameters are read)
+        twin = LoRAAdapter(
+            adapter.in_features,
+            adapter.out_features,
+            2 * adapter.r,
+            alpha,
+            adapter.dropout_p,
+            adapter.rslora,
+            device="meta",
+        )  # fmt: skip  (only its hyper-parameters are read)
         entries.append((name, twin))
         tensors[f"base_model.model.{name}.lora_A.weight"] = pair[0].detach().to("cpu").contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = pair[1].detach().to("cpu").contiguous()
@@ -80,4 +87,3 @@ def save_pissa_as_lora(model: nn.Module, path: str | os.PathLike, adapter_name: 
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
-

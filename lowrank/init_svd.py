@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import nf4 as _nf4
+from .base import base_view
+from .nf4_linear import NF4Linear
 
 
 def _check(weight: torch.Tensor, r: int, scale: float, name: str) -> None:
@@ -195,6 +197,9 @@ def check_layer(kind: str, layer_name: str, layer, adapter) -> None:
     values on ``layer``; changes nothing. `lowrank.inject` calls it for every target before it changes any."""
     where = layer_name or type(layer).__name__
     view = layer.view
+    if len(layer.adapters):
+        raise ValueError(f"{where}: init={kind!r} changes the base, but the layer already has adapters "
+                         f"{list(layer.adapters)} that were trained on it; use it on a layer's first adapter")  # fmt: skip
     if getattr(layer, "_svd_init", None) is not None:
         raise ValueError(f"{where}: its base was already changed by {layer._svd_init['kind']!r} for adapter "
                          f"{layer._svd_init['adapter']!r}; a second base-changing init would not be undoable")  # fmt: skip
@@ -238,9 +243,6 @@ def loftq_layer(layer, adapter_name: str, iters: int = 5, niter: int | None = 4,
     plain NF4's) plus one rounding. Keeping W itself would cost the float weights QLoRA saves; the original
     module's weight storage is released while the adapter exists.
     """
-    from .base import base_view
-    from .nf4_linear import NF4Linear
-
     view, adapter = layer.view, layer.adapters[adapter_name]
     original = layer.base
     w = view.dense_weight()
@@ -280,8 +282,6 @@ def restore_base(layer, adapter_name: str | None = None) -> None:
             deq = layer.view.dense_weight(torch.float32)
             b0, a0 = rec["B0"].to(deq.device, torch.float32), rec["A0"].to(deq.device, torch.float32)
             w = (deq + scale * (b0 @ a0)).to(original.weight.dtype)
-        from .base import base_view
-
         w = w.T.contiguous() if base_view(original).fan_in_fan_out else w  # Conv1D stores (in, out)
         original.weight = nn.Parameter(w.reshape(rec["shape"]), requires_grad=False)
         layer.base = original

@@ -50,6 +50,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
 _PARTS = ("lora_A", "lora_B")
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
+# DoRA's magnitude (lowrank.dora): PEFT writes "base_model.model.<module>.lora_magnitude_vector" (no ".weight").
+_MAGNITUDE = "lora_magnitude_vector"
+_MAGNITUDE_KEY = re.compile(
+    r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_magnitude_vector)(?:\.default)?(?:\.weight)?"
+)
 
 # ---------------------------------------------------------------------------------------------------- writing
 
@@ -150,6 +155,11 @@ def save_adapter(
                 if not torch.isfinite(t).all():
                     bad.append(f"{layer_name}.{part}" + ("" if name == DEFAULT else f" (adapter {name!r})"))
                 tensors[f"base_model.model.{layer_name}.{part}.weight"] = t
+            magnitude = getattr(layer.adapters[name], _MAGNITUDE, None)
+            if magnitude is not None:
+                if not torch.isfinite(magnitude).all():
+                    bad.append(f"{layer_name}.{_MAGNITUDE}" + ("" if name == DEFAULT else f" (adapter {name!r})"))
+                tensors[f"base_model.model.{layer_name}.{_MAGNITUDE}"] = magnitude
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
         jobs.append((folders[name], _cpu_tensors(tensors), json.dumps(config, indent=2, sort_keys=True) + "\n"))
@@ -232,7 +242,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
-        m = _KEY.fullmatch(key)
+        m = _KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
         if m is None:
             unknown.append(key)
             continue
@@ -240,8 +250,8 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     if unknown:
         raise ValueError(
             f"{file}: tensors {sorted(unknown)[:8]} are not LoRA weights in PEFT's layout "
-            "'base_model.model.<module>.lora_A[.default].weight' / '...lora_B...' (DoRA, biases, embeddings and "
-            "modules_to_save are not supported)"
+            "'base_model.model.<module>.lora_A[.default].weight' / '...lora_B...' / '...lora_magnitude_vector' (biases, "
+            "embeddings and modules_to_save are not supported)"
         )
     if not pairs:
         raise ValueError(f"{file} holds no LoRA tensors")
@@ -294,6 +304,14 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, a
         r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         a, b = p["lora_A"], p["lora_B"]
+        if (_MAGNITUDE in p) != cfg["use_dora"]:
+            raise ValueError(f"{where}: {name} {'has' if _MAGNITUDE in p else 'lacks'} a {_MAGNITUDE} tensor but the "
+                             f"config says use_dora={str(cfg['use_dora']).lower()}")  # fmt: skip
+        if _MAGNITUDE in p and tuple(p[_MAGNITUDE].shape) != (out_features,):
+            raise ValueError(f"{where}: {name}.{_MAGNITUDE} has shape {tuple(p[_MAGNITUDE].shape)}, expected "
+                             f"({out_features},)")  # fmt: skip
+        if name in existing and hasattr(existing[name].adapters[adapter_name], _MAGNITUDE) != cfg["use_dora"]:
+            raise ValueError(f"{name}: adapter {adapter_name!r} and {where} disagree on DoRA; eject the model first")
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
             raise ValueError(
                 f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the config gives r={r} "
@@ -366,6 +384,7 @@ def load_adapter(
                 alpha=cfg["lora_alpha"],
                 dropout=cfg["lora_dropout"],
                 rslora=cfg["use_rslora"],
+                dora=cfg["use_dora"],
                 adapter_name=adapter_name,
                 rank_pattern={name: r for name, r, _ in plan},
                 alpha_pattern={name: alpha for name, _, alpha in plan},
@@ -382,4 +401,6 @@ def load_adapter(
             adapter = layers[name].adapters[adapter_name]
             adapter.lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
             adapter.lora_B.copy_(pairs[name]["lora_B"])
+            if cfg["use_dora"]:
+                getattr(adapter, _MAGNITUDE).copy_(pairs[name][_MAGNITUDE])
     return model

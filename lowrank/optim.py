@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-import torch.nn as nn
+from torch import nn
 
 from .adapter import LoRAAdapter
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from _helpers import tiny_llama
 from torch import nn
 
 import lowrank
-from _helpers import tiny_llama
 
 
 class _Net(nn.Module):
@@ -52,7 +52,8 @@ def test_matches_peft_loraplus_per_parameter(dora):
             n = names[id(p)].removeprefix("base_model.model.").replace(".default.weight", "")
             peft_lr[n] = (g["lr"], g["weight_decay"])
     ours_lr = _lr_by_param(groups)
-    mine = {n: ours_lr[id(p)] for n, p in ours.named_parameters() if p.requires_grad}
+    # Our names: ...q_proj.adapters.default.lora_A -> the same key as PEFT's above.
+    mine = {n.replace(".adapters.default.", "."): ours_lr[id(p)] for n, p in ours.named_parameters() if p.requires_grad}
     assert mine == peft_lr
     expected_b = {n for n in mine if n.endswith(("lora_B", "lora_magnitude_vector"))}
     assert {n for n, (g_lr, _) in mine.items() if g_lr == lr * ratio} == expected_b

