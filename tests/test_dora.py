@@ -226,3 +226,21 @@ def test_dora_must_be_a_bool():
     with pytest.raises(TypeError, match="dora must be True or False"):
         lowrank.inject(model, ["0"], r=4, dora="yes")
     assert_unchanged(model, snap)
+
+
+def test_dora_on_a_layer_kind_without_a_linear_weight(monkeypatch):
+    """A target kind other than linear (e.g. an embedding kind registered in LAYER_KINDS) is refused for DoRA."""
+    import lowrank._match as match
+    from lowrank.lora import LoRALayer, LoRALinear
+
+    class EmbeddingKind(LoRALayer):  # only its registration matters: inject refuses before building any layer
+        @staticmethod
+        def accepts(module):
+            return isinstance(module, nn.Embedding)
+
+    monkeypatch.setattr(match, "LAYER_KINDS", [LoRALinear, EmbeddingKind])
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 6), "proj": nn.Linear(6, 6)})
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"dora=True needs linear layers .*not: \['emb'\]"):
+        lowrank.inject(model, ["emb", "proj"], r=2, dora=True)
+    assert_unchanged(model, snap)

@@ -134,3 +134,22 @@ def test_bad_weights():
         pissa(torch.ones(3, 4, dtype=torch.uint8), 2, 1.0)
     with pytest.raises(ValueError, match="iters must be an int >= 1"):
         loftq(_weight(30, 40), 4, 1.0, iters=0)
+
+
+def test_init_benchmark_quick_run(tmp_path):
+    """bench_init.py --quick: the PiSSA rows reconstruct W and the LoftQ rows beat NF4 alone on a tiny Llama."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_init
+
+    result = bench_init.main(["--quick", "--out", str(tmp_path)])
+    lowrank_rows = [r for r in result["pissa"] if r["provider"].startswith("lowrank")]
+    assert len(result["pissa"]) == 4 and len(lowrank_rows) == 2  # ours full / randomized, PEFT full / niter
+    for row in lowrank_rows:
+        assert row["median_s"] > 0
+        assert row["max_rel_err"] < 1e-2  # bf16 residual: one rounding, 2^-9 relative
+    assert lowrank_rows[0]["top_r_rel_err"] < 1e-5  # the full SVD is the exact top-r part (float32)
+    assert all(0 < r["ratio_max"] < 1 for r in result["loftq"])
+    assert (tmp_path / "init.md").read_text().startswith("# PiSSA init time")
