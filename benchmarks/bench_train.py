@@ -48,7 +48,7 @@ from train_models import (
 )
 
 SCALING_ENTRIES = [("lora_all", "lowrank"), ("lora_all", "peft"), ("qlora_all", "lowrank"), ("qlora_all", "peft+bnb")]
-PEERS = {"lora_qv": "peft", "lora_all": "peft", "qlora_all": "peft+bnb"}
+PEERS = {"lora_qv": "peft", "lora_all": "peft", "qlora_all": "peft+bnb", "dora_all": "peft"}
 
 
 # ---- memory in a fresh process --------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def add_ratios(rows: list[dict]) -> None:
         if provider != "lowrank":
             continue
         refs = {"peer": by.get((scenario, PEERS[scenario]))}
-        if scenario == "qlora_all":
+        if scenario in ("qlora_all", "dora_all"):
             refs["lora"] = by.get(("lora_all", "lowrank"))
         for tag, ref in refs.items():
             if ref is None:
@@ -199,6 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, quick: 1)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; quick: a temp dir)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--scenarios", nargs="+", default=None, help="only these scenarios (e.g. lora_all dora_all)")
+    p.add_argument("--name", default="train", help="results file name (default train: train.md / train.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -234,7 +236,7 @@ def main(argv=None) -> dict:
 def _run(args) -> dict:
     env = common.environment(args.device)
     shape = args.shape
-    main_keys = available_entries(ENTRIES)
+    main_keys = available_entries([k for k in ENTRIES if args.scenarios is None or k[0] in args.scenarios])
     rows = run_group(main_keys, shape, args, f"{shape['model']} L{shape['layers']} T{shape['seq']}")
     real_rows = []
     if args.real:
@@ -257,7 +259,7 @@ def _run(args) -> dict:
     extra = {"real_model_rows": real_rows, "scaling": scaling, "settings": _settings(args)}
     all_rows = rows + real_rows
     json_path, md_path = common.write_results(
-        "train", all_rows, COLUMNS, "Training step: lowrank vs PEFT, PEFT + bitsandbytes, full fine-tuning",
+        args.name, all_rows, COLUMNS, "Training step: lowrank vs PEFT, PEFT + bitsandbytes, full fine-tuning",
         env=env, notes=_goals_markdown(rows) + notes + _scaling_markdown(scaling), extra=extra, out_dir=args.out,
     )  # fmt: skip
     common.progress(f"wrote {json_path} and {md_path}")
@@ -303,6 +305,8 @@ def _goals_markdown(rows: list[dict]) -> str:
         ("QLoRA step time <= PEFT + bitsandbytes", by.get(("qlora_all", "lowrank"), {}).get("time_vs_peer"), 1.0),
         ("QLoRA step time <= 1.15 x our LoRA", by.get(("qlora_all", "lowrank"), {}).get("time_vs_lora"), 1.15),
         ("QLoRA training memory < PEFT + bitsandbytes", by.get(("qlora_all", "lowrank"), {}).get("mem_vs_peer"), None),
+        ("DoRA step time <= 1.3 x our LoRA", by.get(("dora_all", "lowrank"), {}).get("time_vs_lora"), 1.3),
+        ("DoRA step time <= 0.8 x PEFT DoRA", by.get(("dora_all", "lowrank"), {}).get("time_vs_peer"), 0.8),
     ]
     lines = ["## Goals (synthetic model above)", ""]
     for text, ratio, limit in checks:

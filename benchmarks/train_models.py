@@ -37,6 +37,8 @@ ENTRIES = {
     ("lora_all", "peft"): {"kind": "peft", "targets": "all-linear"},
     ("qlora_all", "lowrank"): {"kind": "lowrank", "targets": "all-linear", "nf4": True},
     ("qlora_all", "peft+bnb"): {"kind": "peft", "targets": "all-linear", "nf4": True},
+    ("dora_all", "lowrank"): {"kind": "lowrank", "targets": "all-linear", "dora": True},
+    ("dora_all", "peft"): {"kind": "peft", "targets": "all-linear", "dora": True},
 }
 
 
@@ -152,19 +154,22 @@ def quantize(model: torch.nn.Module, kind: str, device: str, compute_dtype: torc
         _to_bnb_4bit(model, device, compute_dtype)
 
 
-def add_lora(model: torch.nn.Module, kind: str, targets) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """LoRA (r, alpha from LORA; dropout 0) on ``targets`` with ``kind`` = ``"lowrank"`` or ``"peft"``.
+def add_lora(
+    model: torch.nn.Module, kind: str, targets, dora: bool = False
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """LoRA (r, alpha from LORA; dropout 0; DoRA if ``dora``) on ``targets`` with ``kind`` = "lowrank" or "peft".
 
     Returns (the model to train: PEFT wraps it, lowrank changes it in place; the adapter parameters).
     """
     if kind == "lowrank":
         import lowrank
 
-        lowrank.inject(model, targets, r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
+        lowrank.inject(model, targets, r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, dora=dora)
         return model, list(lowrank.adapter_parameters(model))
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=targets, bias="none")
+    config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=targets, bias="none",
+                        use_dora=dora)  # fmt: skip
     model = get_peft_model(model, config)
     return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -178,7 +183,7 @@ def build_provider(key: tuple[str, str], shape: dict, device: str):
     else:
         if spec.get("nf4"):
             quantize(model, spec["kind"], device)
-        model, params = add_lora(model, spec["kind"], spec["targets"])
+        model, params = add_lora(model, spec["kind"], spec["targets"], spec.get("dora", False))
     trainable = {id(p) for p in params}
     for p in model.parameters():  # both libraries freeze the base; this makes it a property of the benchmark
         p.requires_grad_(id(p) in trainable)

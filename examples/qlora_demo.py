@@ -152,8 +152,11 @@ def build_data(data_path=None, n_train: int = 1200, n_held_out: int = 200, seed:
     return train[:n_train], held_out[:n_held_out]
 
 
-def train(model, tokenizer, records, *, steps=80, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True):
+def train(model, tokenizer, records, *, steps=80, batch_size=4, lr=2e-3, max_len=128, seed=0, progress=True,
+          loraplus_ratio=None):  # fmt: skip
     """Train the model's adapters with AdamW; returns the loss of every step.
+
+    ``loraplus_ratio``: LoRA+ (B's learning rate is ``lr * ratio``; see ``lowrank.param_groups``).
 
     Batches are drawn from a seeded shuffle (reshuffled each epoch); the learning rate warms up linearly over
     the first 10% of steps and then decays linearly to zero; gradients are clipped at norm 1.
@@ -169,7 +172,7 @@ def train(model, tokenizer, records, *, steps=80, batch_size=4, lr=2e-3, max_len
     if not sequences:
         raise ValueError("no training sequences")
     params = lowrank.adapter_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(lowrank.param_groups(model, lr, loraplus_ratio=loraplus_ratio), weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, (steps - s) / (steps - warmup + 1)))
     rng, order = random.Random(seed), []

@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: B learns this many times faster")
     p.add_argument("--save-steps", type=int, default=0, help="also save the adapter every N steps (0: at the end only)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--prompt", default="The lighthouse at Saint Aldric")
@@ -125,6 +126,8 @@ def main(argv=None) -> dict:
         train_dataset=dataset,
         data_collator=default_data_collator,
         callbacks=[SaveAdapterCallback(Path(args.out) / "adapter", args.save_steps)],
+        # Our parameter groups (LoRA+ with --loraplus-ratio); None: Trainer builds its usual schedule around them.
+        optimizers=(torch.optim.AdamW(lowrank.param_groups(model, args.lr, loraplus_ratio=args.loraplus_ratio)), None),
     )
     trainer.train()
 

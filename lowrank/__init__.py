@@ -21,6 +21,8 @@ from .adapters import (
     mixed_batch,
     set_adapter,
 )
+from .dora import DoRAAdapter
+from .init_export import loftq_report, save_pissa_as_lora
 from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
 from .io import load_adapter, save_adapter, save_merged
 from .loading import from_pretrained, load_quantized
@@ -29,11 +31,13 @@ from .lora_embedding import LoRAEmbedding
 from .lora_experts import ExpertsAdapter, LoRAExperts
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
+from .optim import param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExpertsAdapter",
+    "DoRAAdapter",
     "LoRAAdapter",
     "LoRAEmbedding",
     "LoRAExperts",
@@ -41,6 +45,7 @@ __all__ = [
     "LoRALinear",
     "NF4Linear",
     "NF4Tensor",
+    "__version__",
     "active_adapters",
     "adapter_names",
     "adapter_parameters",
@@ -52,16 +57,18 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_quantized",
+    "loftq_report",
     "lora_layers",
     "merge",
     "mixed_batch",
     "nf4",
+    "param_groups",
     "quantize",
     "save_adapter",
     "save_merged",
+    "save_pissa_as_lora",
     "set_adapter",
     "summary",
     "testing",
     "unmerge",
-    "__version__",
 ]

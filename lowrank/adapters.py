@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .init_svd import restore_base
 from .lora import LoRALayer
 
 
@@ -111,6 +112,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     active = [n for n in active_adapters(model) if n != name]
     for layer_name, layer in list(lora_layers(model)):
         if name in layer.adapters:
+            restore_base(layer, name)  # a PiSSA / LoftQ base goes back with its adapter
             del layer.adapters[name]
         if not layer.adapters:
             replace_module(model, layer_name, layer.base)

@@ -20,8 +20,10 @@ from ._match import find_targets, layer_kind, linear_features
 from .adapter import LoRAAdapter, check_adapter_name, check_hyperparameters
 from .adapters import adapter_names, lora_layers, replace_module, set_adapter
 from .base import follows_protocol
+from .dora import DoRAAdapter
 from .init import check_init
-from .lora import DEFAULT, LoRALayer, adapter_key
+from .init_svd import restore_base
+from .lora import DEFAULT, LoRALayer, LoRALinear, adapter_key
 from .lora_experts import plan_experts, warn_unadapted_experts
 from .tied import check_merge_keeps_ties
 
@@ -38,6 +40,7 @@ def inject(
     adapter_dtype: torch.dtype = torch.float32,
     adapter_name: str = DEFAULT,
     init: str = "default",
+    dora: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     target_parameters: list[str] | None = None,
@@ -58,7 +61,9 @@ def inject(
         r, alpha, dropout, rslora, adapter_dtype: see `lowrank.adapter.LoRAAdapter`.
         exclude: layers to skip, in the same forms as ``targets`` (not ``"all-linear"``); wins over targets.
         adapter_name: the new adapter's name (letters, digits, ``_``, ``-``); must not exist yet.
-        init: an initialisation from ``lowrank.init.INITS`` ("default", "gaussian", ...).
+        init: an initialisation from ``lowrank.init.INITS``: "default", "gaussian", "pissa", "pissa_niter_<k>",
+            "loftq" (the last three change the base: see ``lowrank.init_svd``).
+        dora: DoRA adapters (`lowrank.dora.DoRAAdapter`, linear layers only) instead of plain LoRA.
         rank_pattern, alpha_pattern: per-layer r / alpha overrides, ``{name: value}`` where a key matches a layer
             as a ``targets`` list entry does (equal to its qualified name or a ``.``-suffix of it); first key wins.
         target_parameters: 3-D MoE expert weights to adapt, PEFT's ``target_parameters`` (e.g.
@@ -78,6 +83,11 @@ def inject(
     check_hyperparameters(r, alpha, dropout, adapter_dtype)
     check_adapter_name(adapter_name)
     init_fn = check_init(init)
+    if not isinstance(dora, bool):
+        raise TypeError(f"dora must be True or False, got {dora!r}")
+    if dora and target_parameters is not None:
+        raise ValueError("dora=True is for linear layers; expert parameters (target_parameters) take plain LoRA")
+    adapter_cls = DoRAAdapter if dora else LoRAAdapter
     params_only = target_parameters is not None and (targets is None or (isinstance(targets, list) and not targets))
     found = [] if params_only else find_targets(model, targets, exclude)
     sizes = {name: (_pattern(rank_pattern, name, r), _pattern(alpha_pattern, name, alpha)) for name, _ in found}
@@ -107,6 +117,10 @@ def inject(
     shared = {name: names_of[id(m)] for name, m in found if len(names_of[id(m)]) > 1}
     if shared:
         raise ValueError(f"target layers are shared by several parents (names: {shared}); cannot adapt one copy")
+    if dora:
+        no_dora = [n for n, m in found if not (isinstance(m, LoRALinear) or kinds.get(n) is LoRALinear)]
+        if no_dora:
+            raise ValueError(f"dora=True needs linear layers (nn.Linear, Conv1D, NF4Linear); not: {no_dora[:8]}")
 
     # Build every new layer and adapter before swapping any in: a failure while building (e.g. out of memory)
     # leaves the model as it was. (Building a layer freezes its base; undone below if anything fails.)
@@ -117,8 +131,10 @@ def inject(
             layer = module if isinstance(module, LoRALayer) else kinds[name](module, r=None)
             device = next(iter(layer.base.parameters()), torch.empty(0)).device
             layer_r, layer_alpha = sizes[name]
-            adapter = LoRAAdapter(layer.in_features, layer.out_features, layer_r, layer_alpha, dropout, rslora,
+            adapter = adapter_cls(layer.in_features, layer.out_features, layer_r, layer_alpha, dropout, rslora,
                                   adapter_dtype=adapter_dtype, device=device)  # fmt: skip
+            if hasattr(init_fn, "check"):  # an init that changes the base checks every layer before any changes
+                init_fn.check(name, layer, adapter)
             built.append((name, module, layer, adapter))
         if target_parameters is not None:
             built += plan_experts(model, target_parameters, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
@@ -132,10 +148,13 @@ def inject(
             layer.add_adapter(adapter_name, adapter)
             if layer is not module:
                 replace_module(model, name, layer)
-        for _, _, layer, _ in built:
+        for _, _, layer, adapter in built:
             init_fn(layer, adapter_name)  # validates before it changes anything (see lowrank.init)
+            if dora:  # m = ||W0 + s B A||_row once the init has set B, A and the base
+                adapter.init_magnitude(layer.view)
     except BaseException:
         for name, module, layer, _ in built:
+            restore_base(layer, adapter_name)
             if adapter_name in layer.adapters:
                 del layer.adapters[adapter_name]
             if layer is not module:
@@ -230,14 +249,17 @@ def eject(model: nn.Module) -> nn.Module:
     """Put the original base modules back (unmerging first) and drop every adapter; returns ``model``.
 
     The result's ``state_dict()`` is bit-identical to the model's before `inject`, however long the adapters
-    were trained. Parameters that `inject` froze stay frozen (``model.requires_grad_(True)`` to train them again).
+    were trained (LoftQ, which quantized the base: the weights are ``deq(Q) + s B0 A0``, within the reported
+    LoftQ error of the originals, see ``lowrank.init_svd.loftq_layer``). Parameters that `inject` froze stay frozen (``model.requires_grad_(True)`` to train them again).
     If ``model`` itself is a LoRA layer, its base is returned instead (a module cannot replace itself).
     """
     if isinstance(model, LoRALayer):
         model.unmerge()
+        restore_base(model)
         return model.base
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
+        restore_base(layer)  # PiSSA / LoftQ changed the base: see lowrank.init_svd
         replace_module(model, name, layer.base)
     return model
 

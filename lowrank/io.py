@@ -64,6 +64,11 @@ from .tied import check_merge_keeps_ties
 MERGED_NAME = "model.safetensors"
 _PARTS = ("lora_A", "lora_B")
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
+# DoRA's magnitude (lowrank.dora): PEFT writes "base_model.model.<module>.lora_magnitude_vector" (no ".weight").
+_MAGNITUDE = "lora_magnitude_vector"
+_MAGNITUDE_KEY = re.compile(
+    r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_magnitude_vector)(?:\.default)?(?:\.weight)?"
+)
 
 # ---------------------------------------------------------------------------------------------------- writing
 
@@ -148,6 +153,11 @@ def save_adapter(
                     where = key.removeprefix("base_model.model.").removesuffix(".weight")
                     bad.append(where + ("" if name == DEFAULT else f" (adapter {name!r})"))
                 tensors[key] = t
+            magnitude = getattr(layer.adapters[name], _MAGNITUDE, None)
+            if magnitude is not None:  # DoRA (lowrank.dora): PEFT's key has no ".weight"
+                if not torch.isfinite(magnitude).all():
+                    bad.append(f"{layer_name}.{_MAGNITUDE}" + ("" if name == DEFAULT else f" (adapter {name!r})"))
+                tensors[f"base_model.model.{layer_name}.{_MAGNITUDE}"] = magnitude
         if bad:
             raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
         _files.config_text(config)  # an unserialisable field fails here, before any folder is written
@@ -232,7 +242,7 @@ def _read_entries(reader, file: Path, skip=frozenset()) -> dict[str, dict[str, o
     for key, entry in reader.entries.items():
         if key in skip:
             continue
-        m = _KEY.fullmatch(key) or match_adapter_key(key)
+        m = _KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key) or match_adapter_key(key)
         if m is None:
             unknown.append(key)
             continue
@@ -294,6 +304,14 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, a
         r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         a, b = p["lora_A"], p["lora_B"]
+        if (_MAGNITUDE in p) != cfg["use_dora"]:
+            raise ValueError(f"{where}: {name} {'has' if _MAGNITUDE in p else 'lacks'} a {_MAGNITUDE} tensor but the "
+                             f"config says use_dora={str(cfg['use_dora']).lower()}")  # fmt: skip
+        if _MAGNITUDE in p and tuple(p[_MAGNITUDE].shape) != (out_features,):
+            raise ValueError(f"{where}: {name}.{_MAGNITUDE} has shape {tuple(p[_MAGNITUDE].shape)}, expected "
+                             f"({out_features},)")  # fmt: skip
+        if name in existing and hasattr(existing[name].adapters[adapter_name], _MAGNITUDE) != cfg["use_dora"]:
+            raise ValueError(f"{name}: adapter {adapter_name!r} and {where} disagree on DoRA; eject the model first")
         if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
             raise ValueError(
                 f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the config gives r={r} "
@@ -377,7 +395,7 @@ def load_adapter(
         for name, _, _ in plan:
             known = name in layers and adapter_name in layers[name].adapters
             have = layers[name].adapters[adapter_name] if known else None
-            for part in _PARTS:
+            for part in (*_PARTS, _MAGNITUDE) if _MAGNITUDE in pairs[name] else _PARTS:
                 dtype = torch.float32 if have is None else getattr(have, part).dtype  # inject's adapter_dtype
                 tensors[name, part] = _files.read_tensor(reader, pairs[name][part].name, dtype, f"{name}.{part}")
     if adapter_name not in adapter_names(model):
@@ -392,6 +410,7 @@ def load_adapter(
                 alpha=experts_alpha or cfg["lora_alpha"],
                 dropout=cfg["lora_dropout"],
                 rslora=cfg["use_rslora"],
+                dora=cfg["use_dora"],
                 adapter_name=adapter_name,
                 rank_pattern={name: r for name, r, _ in plan},
                 alpha_pattern={name: alpha for name, _, alpha in plan},
@@ -409,6 +428,8 @@ def load_adapter(
             adapter = layers[name].adapters[adapter_name]
             adapter.lora_A.copy_(tensors[name, "lora_A"])  # copy_ moves to the adapter's device
             adapter.lora_B.copy_(tensors[name, "lora_B"])
+            if (name, _MAGNITUDE) in tensors:
+                getattr(adapter, _MAGNITUDE).copy_(tensors[name, _MAGNITUDE])
         for (name, param), pair in experts.items():
             adapter = layers[name].adapters[adapter_name]
             adapter.lora_A[param].copy_(pair["lora_A"])

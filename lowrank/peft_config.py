@@ -26,7 +26,7 @@ from .peft_layout import target_modules_regex
 
 # Config fields lowrank reads: name -> PEFT's default (PEFT silently uses these when a field is missing, so we do too).
 _USED = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-         "target_parameters": []}  # fmt: skip
+         "target_parameters": [], "use_dora": False}  # fmt: skip
 # Accepted whatever their value: metadata, target selection (targets come from the tensor names), weight
 # initialisation (the file holds the trained weights) and switches that only act together with a rejected field.
 _IGNORED = {
@@ -37,7 +37,7 @@ _IGNORED = {
 }  # fmt: skip
 # Features that change the forward pass or add tensors lowrank does not have: rejected unless at their default.
 _UNSUPPORTED = {
-    "bias": "none", "use_dora": False, "lora_bias": False, "modules_to_save": None, "layer_replication": None,
+    "bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
     "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
     "megatron_config": None,
@@ -104,7 +104,7 @@ def build_config(
         "fan_in_fan_out": bool(fan_in_fan_out),
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": any(hasattr(layer, "lora_magnitude_vector") for _, layer in layers),  # DoRA (lowrank.dora)
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -144,8 +144,9 @@ def read_config(directory: Path, raw: dict | None = None) -> dict:
     p = cfg["lora_dropout"]
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {p!r}")
-    if not isinstance(cfg["use_rslora"], bool):
-        raise ValueError(f"{file}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(cfg[flag], bool):
+            raise ValueError(f"{file}: {flag} must be true or false, got {cfg[flag]!r}")
     tp = cfg["target_parameters"]
     if not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp):
         raise ValueError(f"{file}: target_parameters must be a list of parameter names, got {tp!r}")

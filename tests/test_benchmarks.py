@@ -98,8 +98,10 @@ def test_providers_train_the_same_model():
         first[key] = float(step())
         changed[key] = any(not torch.equal(b, p) for b, p in zip(before, params))
     assert all(changed.values()), changed  # the optimizer moved some trainable parameter in every provider
-    dense = {k: v for k, v in first.items() if k[0] != "qlora_all"}
-    assert len(set(dense.values())) == 1, dense  # adding a zero update is exact in bf16
+    dense = {k: v for k, v in first.items() if k[0] != "qlora_all" and k != ("dora_all", "peft")}
+    assert len(set(dense.values())) == 1, dense  # adding a zero update is exact in bf16 (our DoRA: m / n == 1)
+    # PEFT's DoRA computes the norm in bf16 at init and again in the forward: m / n is 1 up to bf16 rounding.
+    assert abs(first[("dora_all", "peft")] - first[("full", "torch")]) < 5e-3
     qlora = [v for k, v in first.items() if k[0] == "qlora_all"]
     # the same NF4 bytes and bf16 matmuls (measured: identical); allow one bf16 rounding apart in the loss of ~4.9
     assert max(qlora) - min(qlora) < 5e-3

@@ -84,7 +84,7 @@ BAD_INPUTS = {
     "json-list": (write("adapter_config.json", b"[1, 2]"), ValueError, "must hold a JSON object, got list"),
     "peft-type": (edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'; lowrank loads only LoRA"),
     "no-peft-type": (edit_config(peft_type=DELETE), ValueError, "peft_type is None"),
-    "dora": (edit_config(use_dora=True), ValueError, "does not support: {'use_dora': True}"),
+    "dora": (edit_config(use_dora=True), ValueError, "lacks a lora_magnitude_vector tensor but the config says use_dora=true"),
     "lora-bias": (edit_config(lora_bias=True), ValueError, "does not support: {'lora_bias': True}"),
     "bias-all": (edit_config(bias="all"), ValueError, "does not support: {'bias': 'all'}"),
     "modules-to-save": (edit_config(modules_to_save=["head"]), ValueError, "'modules_to_save': ['head']"),
@@ -108,8 +108,12 @@ BAD_INPUTS = {
         edit_tensors(rename("blocks.0.up", "blocks.0.act")), ValueError, "'blocks.0.act' is a GELU, not a linear"
     ),
     "foreign-tensor": (
+        edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_E", torch.ones(20))),
+        ValueError, "['base_model.model.blocks.0.up.lora_E'] are not LoRA weights",
+    ),
+    "magnitude-without-dora": (
         edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_magnitude_vector", torch.ones(20))),
-        ValueError, "['base_model.model.blocks.0.up.lora_magnitude_vector'] cannot be loaded: DoRA magnitude vectors",
+        ValueError, "blocks.0.up has a lora_magnitude_vector tensor but the config says use_dora=false",
     ),
     "missing-tensor": (edit_tensors(lambda t: t.pop(B1)), ValueError, "missing tensors ['blocks.1.down.lora_B']"),
     "shape-vs-module": (
