@@ -185,8 +185,8 @@ def module_features(module: nn.Module) -> tuple[int, int]:
 
 def explain_key(key: str) -> str:
     """Why a tensor key of a PEFT file is not one lowrank loads (for the refusal message)."""
-    if "lora_magnitude_vector" in key:
-        return "DoRA magnitude vectors (use_dora) are not supported"
+    if "lora_magnitude_vector" in key:  # io.py reads linear layers' magnitudes; others are not supported
+        return "a DoRA magnitude vector on a layer kind without DoRA (DoRA is for linear layers)"
     if ".modules_to_save." in key or key.endswith(".modules_to_save"):
         return "modules_to_save (a full trainable copy of a module) is not supported"
     if "trainable_tokens" in key:

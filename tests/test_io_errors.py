@@ -109,7 +109,7 @@ BAD_INPUTS = {
     ),
     "foreign-tensor": (
         edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_E", torch.ones(20))),
-        ValueError, "['base_model.model.blocks.0.up.lora_E'] are not LoRA weights",
+        ValueError, "['base_model.model.blocks.0.up.lora_E'] cannot be loaded: not a LoRA weight in PEFT's layout",
     ),
     "magnitude-without-dora": (
         edit_tensors(lambda t: t.__setitem__("base_model.model.blocks.0.up.lora_magnitude_vector", torch.ones(20))),
