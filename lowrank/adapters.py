@@ -140,11 +140,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class MixPlan:
-    """One layer's view of a mixed batch: its adapters used, in concatenation order; the (batch, R) mask of
-    each row's own columns times its scale; per-row dropout probabilities (None when all are 0)."""
+    """One layer's view of a mixed batch: its adapters used, in concatenation order (R = their summed ranks);
+    the (batch, R) mask of each row's own columns times its scale; ``rows`` (batch, r_max), the indices of row i's
+    rank rows in the concatenation with one zero row appended (index R pads a smaller rank, and fills None rows);
+    ``row_scale`` (batch, 1, 1), row i's scale; per-row dropout probabilities (None when all are 0)."""
 
     names: list[str]
     mask: torch.Tensor
+    rows: torch.Tensor
+    row_scale: torch.Tensor
     dropout: torch.Tensor | None
 
 
@@ -155,6 +159,28 @@ class MixedBatch:
         self.names = names
         self._layer_names = layer_names
         self._plans: dict[tuple, MixPlan] = {}
+        self._cache: dict[tuple, tuple] = {}
+
+    def stacked(self, layer: LoRALayer, names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_cat, B_cat^T)`` of ``names`` in ``dtype``, a zero row appended: (R + 1, in), (R + 1, out).
+
+        Differentiable when a gradient is needed; otherwise (inference) built once and reused while no adapter
+        parameter changes (their version counters), which saves two concatenations and casts per layer.
+        """
+        adapters = [layer.adapters[n] for n in names]
+        params = [p for a in adapters for p in (a.lora_A, a.lora_B)]
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = ("stacked", id(layer), dtype)
+        versions = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
+        if not needs_grad and key in self._cache and self._cache[key][0] == versions:
+            return self._cache[key][1]
+        zero_a = adapters[0].lora_A.new_zeros(1, layer.in_features)
+        zero_b = adapters[0].lora_B.new_zeros(1, layer.out_features)
+        a = torch.cat([ad.lora_A for ad in adapters] + [zero_a], 0).to(dtype)
+        b = torch.cat([ad.lora_B.T for ad in adapters] + [zero_b], 0).to(dtype)
+        if not needs_grad:
+            self._cache[key] = (versions, (a, b))
+        return a, b
 
     def plan(self, layer: LoRALayer, x: torch.Tensor) -> MixPlan:
         if x.dim() < 2 or x.shape[0] != len(self.names):
@@ -177,7 +203,23 @@ class MixedBatch:
                 scale, dtype=torch.float64
             )
             dropout = torch.tensor(p, device=x.device) if any(p) else None
-            self._plans[key] = MixPlan(used, mask.to(device=x.device, dtype=x.dtype), dropout)
+            offsets = [0]
+            for n in used:
+                offsets.append(offsets[-1] + layer.adapters[n].r)
+            r_max = max((layer.adapters[n].r for n in used), default=1)
+            pad = offsets[-1]  # the zero row
+            index = [
+                [offsets[k] + j if j < layer.adapters[used[k]].r else pad for j in range(r_max)] if k >= 0 else [pad] * r_max
+                for k in rows
+            ]
+            row_scale = [layer.adapters[n].scale if n in used else 0.0 for n in self.names]
+            self._plans[key] = MixPlan(
+                used,
+                mask.to(device=x.device, dtype=x.dtype),
+                torch.tensor(index, device=x.device),
+                torch.tensor(row_scale, dtype=torch.float64).to(device=x.device, dtype=x.dtype).view(-1, 1, 1),
+                dropout,
+            )
         return self._plans[key]
 
 

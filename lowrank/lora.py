@@ -13,8 +13,8 @@ other adapter ``n`` adds ``q_proj.lora_A.n`` / ``q_proj.lora_B.n``. A checkpoint
 keys) loads with ``strict=True``.
 
 Mixed batches (`lowrank.mixed_batch`): row i of the batch gets only adapter ``names[i]``. The adapters of the
-layer are concatenated along the rank, ``A_cat`` (sum r, in) and ``B_cat`` (out, sum r), and one mask
-(batch, sum r) keeps row i's own columns (times its scale): two matmuls and a mask for any number of adapters,
+layer are concatenated along the rank (plus one zero row), one gather picks each row's own A and B (padded with
+the zero row to the largest rank), and two batched matmuls apply them: the same ops for any number of adapters,
 differentiable, so each adapter gets exactly the gradient of its own rows.
 """
 
@@ -257,9 +257,7 @@ class LoRALinear(LoRALayer):
         if not self.enabled:
             return self.base(x)
         if self.mixed is not None:
-            result = self.base(x)
-            update = self._mixed_update(x)
-            return result if update is None else result + update.to(result.dtype)
+            return self._mixed_forward(x, self.base(x))
         names = self.active_adapters()
         if len(names) == 1:
             fused = self._fused(x, self.adapters[names[0]])
@@ -270,26 +268,29 @@ class LoRALinear(LoRALayer):
             result = result + self.adapters[n](x, self.view, base_out).to(result.dtype)
         return result
 
-    def _mixed_update(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Row i gets adapter ``mixed.names[i]`` only: ``((drop(x) A_cat^T) * mask) B_cat^T``, x (batch, ..., in).
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus, for row i, adapter ``mixed.names[i]`` only: ``s_i * drop(x_i) A_i^T B_i^T``.
 
-        ``A_cat`` (R, in) and ``B_cat`` (out, R) are this layer's adapters concatenated along the rank (R = sum of
-        ranks); ``mask`` (batch, R) is row i's own columns times its scale, 0 elsewhere (None rows: all 0). The
-        concatenation is one op for any number of adapters, and zeroed columns give other adapters exactly no
-        gradient from row i.
+        x (batch, ..., in), result (batch, ..., out). ``A_cat`` (R + 1, in) and ``B_cat^T`` (R + 1, out) are this
+        layer's adapters concatenated along the rank plus a zero row; one gather gives every row its own
+        (r_max, in) and (r_max, out) (a smaller rank padded with the zero row: exact), then a bmm and a baddbmm that
+        adds into ``result``. Measured on one 576 -> 1536 bf16 layer, batch 8 x 64, 8 adapters of r=8, 2 threads:
+        0.11 ms, against 0.25 ms for one matmul over all R columns with a row mask.
         """
-        plan = self.mixed.plan(self, x)  # names, (batch, R) mask in x.dtype, per-row dropout p or None
+        plan = self.mixed.plan(self, x)  # names, (batch, r_max) row indices, (batch, 1, 1) scales, dropout
         if not plan.names:  # no row uses an adapter of this layer
-            return None
-        adapters = [self.adapters[n] for n in plan.names]
+            return result
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
         if self.training and plan.dropout is not None:
             keep = 1.0 - plan.dropout.to(x.dtype).view(-1, 1, 1)  # (batch, 1, 1)
             x3 = x3 * (torch.rand_like(x3) < keep) / keep
-        a = torch.cat([ad.lora_A for ad in adapters], 0).to(x.dtype)  # (R, in)
-        b = torch.cat([ad.lora_B for ad in adapters], 1).to(x.dtype)  # (out, R)
-        h = F.linear(x3, a) * plan.mask.unsqueeze(1)  # (batch, T, R)
-        return F.linear(h, b).view(*x.shape[:-1], self.out_features)  # (batch, T, out)
+        a_cat, b_cat = self.mixed.stacked(self, plan.names, x.dtype)  # (R + 1, in), (R + 1, out)
+        a, b = a_cat[plan.rows], b_cat[plan.rows]  # (batch, r_max, in), (batch, r_max, out)
+        h = torch.bmm(x3, a.transpose(1, 2)) * plan.row_scale  # (batch, T, in) @ (batch, in, r_max)
+        r3 = result.reshape(x3.shape[0], x3.shape[1], self.out_features)
+        if r3.dtype != h.dtype:
+            return result + torch.bmm(h, b).view(result.shape).to(result.dtype)
+        return torch.baddbmm(r3, h, b).view(result.shape)  # result + (batch, T, r_max) @ (batch, r_max, out)
 
     def _fused(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor | None:
         """The one-pass route (base matmul and ``x A^T`` together, inference only) when the base offers it: a
