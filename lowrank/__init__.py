@@ -22,8 +22,11 @@ from .inject import (
     summary,
     unmerge,
 )
-from .io import load_adapter, save_adapter, save_merged
+from .export import save_merged
+from .gguf_export import save_gguf_adapter
+from .io import load_adapter, save_adapter
 from .lora import LoRALinear
+from .merge_quantized import MergeReport, merge_quantized
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
 
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear",
+    "MergeReport",
     "NF4Linear",
     "NF4Tensor",
     "adapter_parameters",
@@ -41,9 +45,11 @@ __all__ = [
     "load_adapter",
     "lora_layers",
     "merge",
+    "merge_quantized",
     "nf4",
     "quantize",
     "save_adapter",
+    "save_gguf_adapter",
     "save_merged",
     "summary",
     "testing",
