@@ -32,11 +32,19 @@ FACTORS = tuple(round(0.80 + 0.01 * i, 2) for i in range(21))
 
 
 def _nested(absmax: torch.Tensor, like: NF4Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(absmax2, offset) of the double quantization: ``like``'s own when given, else those of ``absmax``."""
-    if like is not None and like.double_quant:
-        return like.absmax2, like.offset
-    _, absmax2, offset = _nf4.quantize_absmax(absmax)
-    return absmax2, offset
+    """(absmax2, offset) of the double quantization for block maxima ``absmax`` [n_blocks].
+
+    Without ``like``: bitsandbytes' (mean offset, per nested block max |absmax - offset|). With ``like``: its
+    offset, and per nested block its absmax2 unless ``absmax`` needs a wider range there (then that block's
+    max |absmax - offset|): where the weight barely changed, ``like``'s scale codes stay exactly representable.
+    """
+    if like is None or not like.double_quant:
+        _, absmax2, offset = _nf4.quantize_absmax(absmax)
+        return absmax2, offset
+    n_nested = like.absmax2.numel()
+    pad = n_nested * _nf4.NESTED_BLOCK_SIZE - absmax.numel()
+    need = torch.nn.functional.pad((absmax - like.offset).abs(), (0, pad)).view(n_nested, -1).amax(dim=1)
+    return torch.where(need > like.absmax2, need, like.absmax2), like.offset
 
 
 def _scale_codes(target: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, index: torch.Tensor):
@@ -56,7 +64,9 @@ def _decode_scales(codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Ten
 def _round_to(blocks: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4 codes of ``blocks`` (k, B) against per-row ``scale`` [k] (nearest code of x * (1 / s), clipped to
     +-1), and each row's squared error ``sum (code_value * s - x)^2`` [k]."""
-    codes = _nf4._count_below(blocks * (1.0 / scale.clamp(min=_nf4._TINY)).unsqueeze(1), _nf4._NF4_MIDPOINTS)
+    # Clamp: a candidate below max |x| scales elements past +-1 (the code lookup is exact only within [-1, 1]).
+    scaled = (blocks * (1.0 / scale.clamp(min=_nf4._TINY)).unsqueeze(1)).clamp_(-1.0, 1.0)
+    codes = _nf4._count_below(scaled, _nf4._NF4_MIDPOINTS)
     deq = _nf4.NF4_CODE.to(blocks.device)[codes.long()] * scale.unsqueeze(1)
     return codes, (deq - blocks).square().sum(dim=1)
 
@@ -150,11 +160,21 @@ def quantize_search(
     _check(weight, block_size, like)
     with torch.no_grad():
         blocks = _flat_blocks(weight, block_size)
-        absmax2, offset = _nested(blocks.abs().amax(dim=1), like) if double_quant else (None, None)
-        search = _ScaleSearch(double_quant, absmax2, offset, factors)
         index = torch.arange(blocks.shape[0], device=blocks.device)
-        codes, param, _ = search.best(blocks, index, _keep(like, double_quant))
-        return _pack(weight.shape, weight.dtype, block_size, codes, param, search)
+        absmax = blocks.abs().amax(dim=1)
+        # Double quantization with like=: its nested statistics (its bytes stay reachable) and fresh ones (a
+        # large update may want another offset); the one with the smaller total error wins, so the result is
+        # never worse than either, nor than round (whose scales are among the fresh candidates).
+        options = [like, None] if double_quant and like is not None and like.double_quant else [like]
+        best = None
+        for source in options:
+            absmax2, offset = _nested(absmax, source) if double_quant else (None, None)
+            search = _ScaleSearch(double_quant, absmax2, offset, factors)
+            codes, param, scale = search.best(blocks, index, _keep(source, double_quant))
+            err = float(_round_to(blocks, scale)[1].sum())
+            if best is None or err < best[0]:
+                best = (err, codes, param, search)
+        return _pack(weight.shape, weight.dtype, block_size, *best[1:])
 
 
 def quantize_gptq(
@@ -227,7 +247,7 @@ def _gptq(weight, hessian, block_size, double_quant, like, damp, factors) -> NF4
             inv = 1.0 / scale.clamp(min=_nf4._TINY)
             err = torch.empty(out_f, block_size, device=w.device)
             for j in range(lo, hi):  # (out,) column j, then feedback onto this block's later columns
-                c = _nf4._count_below(w[:, j] * inv, _nf4._NF4_MIDPOINTS)
+                c = _nf4._count_below((w[:, j] * inv).clamp_(-1.0, 1.0), _nf4._NF4_MIDPOINTS)
                 codes[:, j] = c
                 e = (w[:, j] - code_values[c.long()] * scale) / u[j, j]
                 w[:, j + 1 : hi] -= e.unsqueeze(1) * u[j, j + 1 : hi].unsqueeze(0)
