@@ -11,6 +11,8 @@ Importing this package does no work: no CUDA initialisation, no triton import, n
 """
 
 from . import nf4, testing
+from .export import save_merged
+from .gguf_export import save_gguf_adapter
 from .inject import (
     adapter_parameters,
     adapter_state_dict,
@@ -22,8 +24,6 @@ from .inject import (
     summary,
     unmerge,
 )
-from .export import save_merged
-from .gguf_export import save_gguf_adapter
 from .io import load_adapter, save_adapter
 from .lora import LoRALinear
 from .merge_quantized import MergeReport, merge_quantized

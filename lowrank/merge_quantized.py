@@ -69,7 +69,9 @@ class MergeReport:
         for r in self.layers:
             out = "" if r.output_error is None else f"{r.output_error:8.5f}"
             shape = f"{r.shape[0]}x{r.shape[1]}"
-            lines.append(f"{r.name:<{width}}  {shape:>11}  {r.update:8.5f}  {r.error:8.5f}  {r.round_error:8.5f}  {out:>8}")
+            lines.append(
+                f"{r.name:<{width}}  {shape:>11}  {r.update:8.5f}  {r.error:8.5f}  {r.round_error:8.5f}  {out:>8}"
+            )
         out = "" if all(r.output_error is None for r in self.layers) else f"{self.mean('output_error'):8.5f}"
         lines.append(f"{'mean':<{width}}  {'':>11}  {self.mean('update'):8.5f}  {self.mean('error'):8.5f}  "
                      f"{self.mean('round_error'):8.5f}  {out:>8}")  # fmt: skip

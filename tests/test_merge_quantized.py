@@ -167,7 +167,9 @@ def test_merge_quantized_report_against_float64_target(method):
         d = new.dequantize_weight(torch.float64) - w
         # target rounded to float32 before quantizing: 1e-6 relative
         assert row.error == pytest.approx(float(d.norm() / w.norm()), rel=1e-5)
-        assert row.update == pytest.approx(float((w - old.dequantize_weight(torch.float64)).norm() / w.norm()), rel=1e-5)
+        assert row.update == pytest.approx(
+            float((w - old.dequantize_weight(torch.float64)).norm() / w.norm()), rel=1e-5
+        )
         x = xs[row.name]
         assert row.output_error == pytest.approx(float((d @ x.T).norm() / (w @ x.T).norm()), rel=1e-5)
     assert "merge_quantized(method=" in str(report) and "mean" in str(report)
