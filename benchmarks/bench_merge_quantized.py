@@ -26,7 +26,7 @@ import torch
 from common import ROOT, environment, progress, write_results
 
 import lowrank
-from lowrank.inject import _set_submodule
+from lowrank.adapters import replace_module
 
 sys.path.insert(0, str(ROOT / "examples"))
 import qlora_demo  # noqa: E402
@@ -61,7 +61,7 @@ def fold_into_float(float_model, adapter_dir: Path, method: str):
     lowrank.load_adapter(m, adapter_dir)
     lowrank.merge(m)  # dense bases: base.weight now holds W + s B A
     for name, layer in list(lowrank.lora_layers(m)):
-        _set_submodule(m, name, layer.base)
+        replace_module(m, name, layer.base)
     return lowrank.quantize(m, method=method)
 
 

@@ -11,21 +11,21 @@ Importing this package does no work: no CUDA initialisation, no triton import, n
 """
 
 from . import nf4, testing
+from .adapter import LoRAAdapter
+from .adapters import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    lora_layers,
+    mixed_batch,
+    set_adapter,
+)
 from .export import save_merged
 from .gguf_export import save_gguf_adapter
-from .inject import (
-    adapter_parameters,
-    adapter_state_dict,
-    disabled,
-    eject,
-    inject,
-    lora_layers,
-    merge,
-    summary,
-    unmerge,
-)
+from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
 from .io import load_adapter, save_adapter
-from .lora import LoRALinear
+from .lora import LoRALayer, LoRALinear
 from .merge_quantized import MergeReport, merge_quantized
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
@@ -33,12 +33,17 @@ from .nf4_linear import NF4Linear, quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAAdapter",
+    "LoRALayer",
     "LoRALinear",
     "MergeReport",
     "NF4Linear",
     "NF4Tensor",
+    "active_adapters",
+    "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "delete_adapter",
     "disabled",
     "eject",
     "inject",
@@ -46,11 +51,13 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_quantized",
+    "mixed_batch",
     "nf4",
     "quantize",
     "save_adapter",
     "save_gguf_adapter",
     "save_merged",
+    "set_adapter",
     "summary",
     "testing",
     "unmerge",

@@ -1,10 +1,10 @@
-"""Which modules of a model a call acts on: linear-layer detection and PEFT-style target matching.
+"""Which modules of a model a call acts on: adaptable layers and PEFT-style target matching.
 
 One place for the rules that `inject`, `quantize` and `load_adapter` share:
 
-* a *linear layer* is an ``nn.Linear``, a Hugging Face ``Conv1D`` (GPT-2; weight stored transposed as
-  (in_features, out_features)), recognised by class name so transformers is never imported, or any module whose
-  class sets ``_lowrank_linear = True`` (our ``NF4Linear``);
+* the *layer kinds* lowrank can adapt (`LAYER_KINDS`: each a `lowrank.lora.LoRALayer` subclass whose
+  ``accepts(module)`` says whether it wraps that module; linear layers are ``nn.Linear``, HF ``Conv1D`` and
+  base-protocol modules such as ``NF4Linear``, see `lowrank.base`);
 * ``targets`` is a list of names (a module matches an entry when its qualified name equals it or ends with
   ``"." + entry``), a single string (a regular expression that must match the whole qualified name), a callable
   ``(name, module) -> bool``, or ``"all-linear"`` (every linear layer except the output head);
@@ -18,35 +18,27 @@ from collections.abc import Callable, Iterator
 
 import torch.nn as nn
 
+from .base import is_conv1d, is_linear, linear_features
+from .lora import LoRALayer, LoRALinear
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's ``Conv1D`` (a linear layer with weight of shape (in_features, out_features))."""
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+__all__ = ["LAYER_KINDS", "find_targets", "is_conv1d", "is_linear", "layer_kind", "linear_features"]
 
-
-def is_linear(module: nn.Module) -> bool:
-    """True for the layer types lowrank can adapt or quantize: nn.Linear, HF Conv1D, NF4Linear."""
-    return isinstance(module, nn.Linear) or is_conv1d(module) or getattr(type(module), "_lowrank_linear", False)
+# Adapted-layer classes, tried in order; a new target kind (embeddings, experts) is one more entry.
+LAYER_KINDS: list[type[LoRALayer]] = [LoRALinear]
 
 
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer, whatever its weight layout."""
-    if is_conv1d(module):
-        in_features, out_features = module.weight.shape
-        return int(in_features), int(out_features)
-    return int(module.in_features), int(module.out_features)
+def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
+    """The `LoRALayer` subclass that can wrap ``module``, or None."""
+    return next((kind for kind in LAYER_KINDS if kind.accepts(module)), None)
 
 
 def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules()`` without the modules inside a LoRA wrapper (the wrapper stands for its base)."""
-    from .lora import LoRALinear  # local: lora.py imports this module
-
+    """``named_modules()`` without the modules inside a LoRA layer (the layer stands for its base)."""
     wrapped: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if wrapped and name.startswith(wrapped):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             wrapped += (name + ".",)
         yield name, module
 
@@ -58,8 +50,6 @@ def _names_entry(name: str, entry: str) -> bool:
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers of ``model`` (layers inside a LoRA wrapper count as the wrapper)."""
-    from .lora import LoRALinear
-
     return [name for name, module in _outer_modules(model) if isinstance(module, LoRALinear) or is_linear(module)]
 
 
@@ -102,8 +92,6 @@ def find_targets(model: nn.Module, targets, exclude=None) -> list[tuple[str, nn.
         ValueError: nothing matched (the message lists the linear layers the model has), or a list entry
             matched no module (a typo would otherwise be silently ignored), or ``exclude="all-linear"``.
     """
-    from .lora import LoRALinear
-
     if targets == "all-linear":
         heads = output_head_names(model)
         target_fn = lambda name, module: name not in heads and (is_linear(module) or isinstance(module, LoRALinear))  # noqa: E731

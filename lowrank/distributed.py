@@ -17,7 +17,7 @@ join: a hang). The context manager all-gathers the adapters alone (a LoRA model'
 bytes; the 4-bit base stays sharded) and puts them on the layers as plain tensors for the duration of the block.
 Under DDP, or in one process, adapters are plain tensors already and the context manager does nothing.
 
-Only ``lora_A`` / ``lora_B`` of `LoRALinear` layers are touched; FSDP2's own parameter objects are put back on
+Only the adapters' parameters (``lora_A``, ``lora_B``, ...) of LoRA layers are touched; FSDP2's own parameter objects are put back on
 exit, so training continues exactly as before. Do not run forward or backward inside the block.
 """
 
@@ -29,9 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .inject import lora_layers
-from .lora import _ADAPTER_KEYS
-
+from .adapters import lora_layers
 
 
 def _dtensor_type():
@@ -69,15 +67,15 @@ def gathered_adapters(model: nn.Module, *, writeback: bool = False) -> Iterator[
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers (call lowrank.inject before fully_shard)")
     DTensor = _dtensor_type()
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []  # (layer, key, the sharded parameter)
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []  # (adapter, key, the sharded parameter)
     try:
         for _, layer in layers:
-            for key in _ADAPTER_KEYS:
-                param = getattr(layer, key)
-                if isinstance(param, DTensor):
-                    full = param.detach().full_tensor()  # all-gather: (r, in) or (out, r) on every rank
-                    swapped.append((layer, key, param))
-                    setattr(layer, key, nn.Parameter(full, requires_grad=param.requires_grad))
+            for adapter in layer.adapters.values():
+                for key, param in list(adapter.named_parameters(recurse=False)):
+                    if isinstance(param, DTensor):
+                        full = param.detach().full_tensor()  # all-gather: (r, in) or (out, r) on every rank
+                        swapped.append((adapter, key, param))
+                        setattr(adapter, key, nn.Parameter(full, requires_grad=param.requires_grad))
         yield model
         if writeback:
             _scatter_back(swapped)

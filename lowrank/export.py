@@ -19,16 +19,17 @@ import torch
 from torch import nn
 
 from ._progress import progress as _progress
-from .inject import lora_layers
-from .lora import LoRALinear
-from .nf4_linear import NF4Linear
+from .adapters import lora_layers
+from .base import follows_protocol
+from .lora import LoRALayer
 
 SAFE_NAME, INDEX_NAME, CONFIG_NAME = "model.safetensors", "model.safetensors.index.json", "config.json"
 DEFAULT_SHARD = 2 * 1024**3  # bytes: below the 4 GiB some filesystems and hubs limit a file to
 
 
 def _from_conv1d(module: nn.Module) -> bool:
-    return isinstance(module, NF4Linear) and module.from_conv1d
+    """A quantized base made from a HF Conv1D (``from_conv1d``): its dense export goes back to (in, out)."""
+    return follows_protocol(module) and bool(getattr(module, "from_conv1d", False))
 
 
 def merged_state_dict(model: nn.Module, *, progress: bool | None = None) -> dict[str, torch.Tensor]:
@@ -39,7 +40,7 @@ def merged_state_dict(model: nn.Module, *, progress: bool | None = None) -> dict
     compute dtype (its original dtype when None), biases in the weight's dtype. Tensors sharing storage in the
     model (tied embeddings) share it here too. The model is not modified.
     """
-    if isinstance(model, LoRALinear):
+    if isinstance(model, LoRALayer):
         raise ValueError("cannot export a bare LoRALinear: keys are named by the layer's place in a model")
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     layers = list(lora_layers(model))
@@ -52,8 +53,8 @@ def merged_state_dict(model: nn.Module, *, progress: bool | None = None) -> dict
             dense[name] = (weight.T if conv1d_layout else weight, layer.base.bias)
         wrapped = tuple(name + "." for name in dense)
         for name, module in model.named_modules():
-            if isinstance(module, NF4Linear) and not name.startswith(wrapped):
-                weight = module.dequantize_weight(module.dense_dtype).cpu()
+            if follows_protocol(module) and not name.startswith(wrapped):  # NF4 (any quantized base) unadapted
+                weight = module.dense_weight(module.dense_dtype).cpu()
                 dense[name] = (weight.T if _from_conv1d(module) else weight, module.bias)
         prefixes = tuple(name + "." for name in dense)
         state, by_storage = {}, {}
@@ -171,7 +172,7 @@ def save_merged(
         FileExistsError: ``path`` exists (a file, or a non-empty folder) and ``overwrite`` is False.
         ValueError: a bad ``max_shard_size``; the folder form for a model without ``config``; a bare LoRALinear.
     """
-    if isinstance(model, LoRALinear):
+    if isinstance(model, LoRALayer):
         raise ValueError("cannot export a bare LoRALinear: keys are named by the layer's place in a model")
     dest = Path(path)
     is_file = dest.suffix == ".safetensors"

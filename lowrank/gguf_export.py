@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inject import lora_layers
-from .lora import LoRALinear
+from .adapters import lora_layers
+from .lora import LoRALayer
 
 # HF config.model_type -> (GGUF architecture, whether q/k rows are RoPE-permuted as convert_hf_to_gguf does).
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -37,7 +37,7 @@ def rope_permutation(out_features: int, n_head: int) -> torch.Tensor:
     return rows.transpose(1, 2).reshape(-1)  # [head, i, j]
 
 
-def _single_adapter(name: str, layer: LoRALinear):
+def _single_adapter(name: str, layer: LoRALayer):
     """(A (r, in), B (out, r), scale) of the layer's one active plain-LoRA adapter, else ValueError."""
     if getattr(layer, "mixed", None) is not None:
         raise ValueError(f"{name}: a lowrank.mixed_batch is active; leave it before exporting")

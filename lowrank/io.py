@@ -1,6 +1,8 @@
 """Adapter files: save and load LoRA adapters in the layout PEFT reads and writes, and export merged models.
 
-An adapter directory holds two files:
+Several adapters are saved as PEFT does: adapter "default" in ``path``, every other adapter ``n`` in
+``path/n/`` (each a complete adapter directory; keys never carry the adapter name). An adapter directory holds
+two files:
 
 * ``adapter_model.safetensors``: for every adapted layer ``<name>`` (its qualified module name),
   ``base_model.model.<name>.lora_A.weight`` of shape (r, in_features) and ``base_model.model.<name>.lora_B.weight``
@@ -36,14 +38,17 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._match import is_linear, linear_features
-from .inject import eject, inject, lora_layers
-from .lora import _ADAPTER_KEYS, LoRALinear, lora_scale
-from .nf4_linear import NF4Linear
+from ._match import layer_kind, linear_features
+from .adapter import check_adapter_name, lora_scale
+from .adapters import adapter_names, delete_adapter, lora_layers
+from .base import follows_protocol
+from .inject import eject, inject
+from .lora import DEFAULT, LoRALayer
 from .peft_config import CONFIG_NAME, build_config, pattern_value, read_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 MERGED_NAME = "model.safetensors"
+_PARTS = ("lora_A", "lora_B")
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight")
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -84,59 +89,80 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_not_bare_layer(model: nn.Module) -> None:
     # Keys are named after the adapted module ("base_model.model.<name>.lora_A.weight"): the root has no name.
-    if isinstance(model, LoRALinear):
+    if isinstance(model, LoRALayer):
         raise ValueError(
             "cannot save a bare LoRALinear: adapter files name each layer by its place in a model; save the model "
             "that contains it"
         )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA adapters to ``path/adapter_model.safetensors`` and ``path/adapter_config.json``.
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the model's LoRA adapters as ``adapter_model.safetensors`` + ``adapter_config.json`` directories.
 
     The files are the ones PEFT's ``save_pretrained`` writes, so ``PeftModel.from_pretrained(base, path)`` loads
-    them. A merged model is saved the same way: the file holds A and B, never merged weights.
+    them (and ``PeftModel.from_pretrained(base, path / "b", adapter_name="b")`` adapter "b"). A merged model is
+    saved the same way: the files hold A and B, never merged weights.
 
     Args:
         model: a model with adapters from ``lowrank.inject``.
         path: the directory (created if needed; other files in it are left alone).
+        adapter_name: None saves every adapter, "default" at ``path`` and each other one at ``path/<name>/``
+            (PEFT's multi-adapter layout); a name saves that adapter alone at ``path``.
         base_model_name_or_path: recorded in the config; by default the model's ``name_or_path`` when it has one.
 
     Returns:
-        The directory.
+        The directory ``path``.
 
     Raises:
-        ValueError: the model has no adapters (or is a bare LoRALinear), an adapter holds NaN/inf, or the layers
-            mix rsLoRA and plain LoRA.
+        ValueError: no adapters (or a bare LoRALinear), an unknown name, an adapter holding NaN/inf, layers of one
+            adapter mixing rsLoRA and plain LoRA, or two adapters whose folders would coincide. Everything is
+            checked before anything is written.
     """
     _check_not_bare_layer(model)
-    layers = list(lora_layers(model))
-    if not layers:
+    known = adapter_names(model)
+    if not known:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save (call lowrank.inject first)")
+    if adapter_name is not None and adapter_name not in known:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {known}")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    config = build_config(layers, base_model_name_or_path)
-    tensors, bad = {}, []
-    for name, layer in layers:
-        for part in _ADAPTER_KEYS:
-            t = getattr(layer, part)
-            if not torch.isfinite(t).all():
-                bad.append(f"{name}.{part}")
-            tensors[f"base_model.model.{name}.{part}.weight"] = t
-    if bad:
-        raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
-    tensors = _cpu_tensors(tensors)
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    names = known if adapter_name is None else [adapter_name]
+    folders = {n: directory if (adapter_name is not None or n == DEFAULT) else directory / n for n in names}
+    clash = [n for n in names if str(folders[n]).lower() in [str(folders[m]).lower() for m in names if m != n]]
+    if clash:  # e.g. "B" and "b" on a case-insensitive file system
+        raise ValueError(f"adapters {clash} would be saved into one folder; rename one (lowrank has no rename)")
+    jobs = []
+    for name in names:  # build and check every file's content first: nothing is written if any is bad
+        layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.adapters]
+        config = build_config([(n, layer.adapters[name]) for n, layer in layers], base_model_name_or_path,
+                              any(layer.fan_in_fan_out for _, layer in layers))  # fmt: skip
+        tensors, bad = {}, []
+        for layer_name, layer in layers:
+            for part in _PARTS:
+                t = getattr(layer.adapters[name], part)
+                if not torch.isfinite(t).all():
+                    bad.append(f"{layer_name}.{part}" + ("" if name == DEFAULT else f" (adapter {name!r})"))
+                tensors[f"base_model.model.{layer_name}.{part}.weight"] = t
+        if bad:
+            raise ValueError(f"refusing to save non-finite adapter weights (NaN or inf) in {bad}")
+        jobs.append((folders[name], _cpu_tensors(tensors), json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    for folder, tensors, text in jobs:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        _atomic_write(folder / CONFIG_NAME, lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
     return directory
 
 
 def _from_conv1d(module: nn.Module) -> bool:
-    """An NF4 layer quantized from a HF Conv1D: its dense export goes back to the (in, out) layout."""
-    return isinstance(module, NF4Linear) and module.from_conv1d
+    """A quantized layer made from a HF Conv1D (``from_conv1d``): its dense export goes back to (in, out)."""
+    return follows_protocol(module) and bool(getattr(module, "from_conv1d", False))
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -173,8 +199,8 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
             dense[name] = (weight.T if conv1d_layout else weight, layer.base.bias)
         wrapped = tuple(name + "." for name in dense)
         for name, module in model.named_modules():
-            if isinstance(module, NF4Linear) and not name.startswith(wrapped):
-                weight = module.dequantize_weight(module.dense_dtype).cpu()
+            if follows_protocol(module) and not name.startswith(wrapped):
+                weight = module.dense_weight(module.dense_dtype).cpu()
                 dense[name] = (weight.T if _from_conv1d(module) else weight, module.bias)
     prefixes = tuple(name + "." for name in dense)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
@@ -219,7 +245,7 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
         )
     if not pairs:
         raise ValueError(f"{file} holds no LoRA tensors")
-    missing = [f"{name}.{part}" for name, p in pairs.items() for part in _ADAPTER_KEYS if part not in p]
+    missing = [f"{name}.{part}" for name, p in pairs.items() for part in _PARTS if part not in p]
     if missing:
         raise ValueError(f"{file}: missing tensors {missing} (each adapted module needs both lora_A and lora_B)")
     for name, p in pairs.items():
@@ -231,16 +257,18 @@ def _read_tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     return pairs
 
 
-def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -> list[tuple[str, int, float]]:
+def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path, adapter_name: str) -> list:
     """Check every tensor pair against the model and the config; return [(name, r, alpha)] of the layers to load."""
-    existing = dict(lora_layers(model))
+    existing = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.adapters}
+    layers = dict(lora_layers(model))
     modules = dict(model.named_modules())
-    if existing:
+    if existing:  # adapter_name is in the model: replace its weights, on exactly its layers
         unmatched = sorted(set(pairs) - set(existing))
         if strict and set(pairs) != set(existing):
             raise ValueError(
                 f"the model already has adapters, but on other modules than {where}: file only {unmatched[:8]}, "
-                f"model only {sorted(set(existing) - set(pairs))[:8]} (lowrank.eject the model to load a new adapter)"
+                f"model only {sorted(set(existing) - set(pairs))[:8]} (lowrank.eject the model, or load with "
+                "another adapter_name)"
             )
         merged = [name for name in pairs if name in existing and existing[name].merged]
         if merged:
@@ -249,17 +277,20 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
         unmatched = sorted(name for name in pairs if name not in modules)
         if strict and unmatched:
             raise ValueError(f"{where}: tensors for modules the model does not have: {unmatched[:8]}")
+        merged = [name for name in pairs if name in layers and layers[name].merged]
+        if merged:
+            raise ValueError(f"adapters of {merged[:8]} are merged into the base weights; call lowrank.unmerge first")
     plan = []
     order = {name: i for i, name in enumerate(modules)}  # check (and report) in module order, not file order
     for name in sorted(set(pairs) - set(unmatched), key=order.__getitem__):
         p = pairs[name]
-        module = existing[name] if name in existing else modules[name]
-        if not (isinstance(module, LoRALinear) or is_linear(module)):
-            raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not a linear layer")
-        if isinstance(module, LoRALinear):
+        module = modules[name]
+        if isinstance(module, LoRALayer):
             in_features, out_features = module.in_features, module.out_features
-        else:
+        elif layer_kind(module) is not None:
             in_features, out_features = linear_features(module)
+        else:
+            raise ValueError(f"{where}: {name!r} is a {type(module).__name__}, not a linear layer")
         r = pattern_value(cfg["rank_pattern"], name, cfg["r"])
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         a, b = p["lora_A"], p["lora_B"]
@@ -269,11 +300,12 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
                 f"and the module is {in_features} -> {out_features}: expected ({r}, {in_features}) and "
                 f"({out_features}, {r})"
             )
-        if isinstance(module, LoRALinear):
-            want, have = lora_scale(alpha, r, cfg["use_rslora"]), module.scale
-            if module.r != r or not math.isclose(want, have, rel_tol=1e-6):
+        if name in existing:
+            have = existing[name].adapters[adapter_name]
+            want = lora_scale(alpha, r, cfg["use_rslora"])
+            if have.r != r or not math.isclose(want, have.scale, rel_tol=1e-6):
                 raise ValueError(
-                    f"{name} already has an adapter with r={module.r}, scale={have:g}; {where} has r={r}, "
+                    f"{name} already has an adapter with r={have.r}, scale={have.scale:g}; {where} has r={r}, "
                     f"scale={want:g} (alpha={alpha}, rslora={cfg['use_rslora']}). lowrank.eject the model first"
                 )
         plan.append((name, r, alpha))
@@ -284,25 +316,29 @@ def _plan(model: nn.Module, cfg: dict, pairs: dict, strict: bool, where: Path) -
     return plan
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
-    """Load an adapter written by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``.
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT, *, strict: bool = True
+) -> nn.Module:
+    """Load an adapter written by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model`` as ``adapter_name``.
 
     The adapted modules are the ones named by the tensor keys (``base_model.model.<name>.lora_A[.default].weight``),
-    not the config's ``target_modules`` (which may be a regex or suffixes). A model without adapters gets them
-    injected with the config's r, lora_alpha, lora_dropout, use_rslora and rank_pattern / alpha_pattern (resolved
-    as PEFT does); a model that already has adapters must have them on exactly those modules with the same r and
-    scale, and only the weights are replaced. Bases may be nn.Linear, Conv1D or NF4Linear. Weights are cast to the
-    adapter parameters' dtype (float32). Fields PEFT writes that only select targets or initialise weights are
-    ignored; features that change the forward (DoRA, lora_bias, bias != "none", modules_to_save, ...) are refused.
+    not the config's ``target_modules`` (which may be a regex or suffixes). If the model has no adapter of that
+    name, it is added (``lowrank.inject`` with the config's r, lora_alpha, lora_dropout, use_rslora and
+    rank_pattern / alpha_pattern, resolved as PEFT does) and becomes the active adapter alone, beside any other
+    adapters. If it has one, it must sit on exactly those modules with the same r and scale, and only the weights
+    are replaced. Bases may be nn.Linear, Conv1D or NF4Linear. Weights are cast to the adapter parameters' dtype
+    (float32). Fields PEFT writes that only select targets or initialise weights are ignored; features that
+    change the forward (DoRA, lora_bias, bias != "none", modules_to_save, ...) are refused.
 
     Everything (files, JSON, fields, tensor names, shapes, dtypes, finiteness) is checked before the model is
     touched: on any error the model is exactly as it was.
 
     Args:
         model: the base model (plain, quantized with ``lowrank.quantize``, or already adapted).
-        path: the adapter directory.
-        strict: if False, tensors for modules the model lacks (or, for an adapted model, for modules it has not
-            adapted) are skipped with a warning, and an adapted model may keep layers the file does not cover.
+        path: the adapter directory (for PEFT's multi-adapter layout, ``path/<name>`` of a non-default adapter).
+        adapter_name: the name the adapter gets in the model.
+        strict: if False, tensors for modules the model lacks (or, when replacing, for modules the adapter does
+            not cover) are skipped with a warning, and a replaced adapter may keep layers the file does not cover.
 
     Returns:
         ``model``, with the adapter loaded (y = base(x) + scale * dropout(x) A^T B^T per adapted layer).
@@ -311,30 +347,39 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         FileNotFoundError: the directory or one of its two files is missing.
         ValueError: anything else that is wrong with the files or does not fit the model (the message says what).
     """
+    check_adapter_name(adapter_name)
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     cfg = read_config(directory)
     pairs = _read_tensors(directory)
-    plan = _plan(model, cfg, pairs, strict, directory)
-    if not any(True for _ in lora_layers(model)):
-        groups: dict[tuple[int, float], set[str]] = {}
-        for name, r, alpha in plan:
-            groups.setdefault((r, alpha), set()).add(name)
+    plan = _plan(model, cfg, pairs, strict, directory, adapter_name)
+    if adapter_name not in adapter_names(model):
+        names = {name for name, _, _ in plan}
         grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        had_adapters = bool(adapter_names(model))
         try:
-            for (r, alpha), names in groups.items():
-                # A callable target: exact names (a list entry would also match longer names ending with it).
-                targets = lambda n, m, names=names: n in names
-                inject(model, targets, r=r, alpha=alpha, dropout=cfg["lora_dropout"], rslora=cfg["use_rslora"])
+            inject(
+                model,
+                lambda n, m: n in names,  # exact names (a list entry would also match longer names ending with it)
+                r=cfg["r"],
+                alpha=cfg["lora_alpha"],
+                dropout=cfg["lora_dropout"],
+                rslora=cfg["use_rslora"],
+                adapter_name=adapter_name,
+                rank_pattern={name: r for name, r, _ in plan},
+                alpha_pattern={name: alpha for name, _, alpha in plan},
+            )
         except BaseException:
-            eject(model)  # the model had no adapters: removing all of them restores it
-            for p, flag in grad_flags:  # inject froze the other parameters
+            if adapter_name in adapter_names(model):  # inject rolls back itself; this covers a later failure
+                eject(model) if not had_adapters else delete_adapter(model, adapter_name)
+            for p, flag in grad_flags:
                 p.requires_grad_(flag)
             raise
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, _, _ in plan:
-            layers[name].lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
-            layers[name].lora_B.copy_(pairs[name]["lora_B"])
+            adapter = layers[name].adapters[adapter_name]
+            adapter.lora_A.copy_(pairs[name]["lora_A"])  # copy_ converts dtype and device
+            adapter.lora_B.copy_(pairs[name]["lora_B"])
     return model

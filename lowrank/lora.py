@@ -1,302 +1,193 @@
-"""`LoRALinear`: one frozen linear layer plus a trainable low-rank update.
+"""LoRA layers: a frozen base module plus named adapters, and the linear kind `LoRALinear`.
 
-    y = base(x) + scale * dropout(x) @ A^T @ B^T,   A: (r, in_features), B: (out_features, r)
-    scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+    y = base(x) + sum over active adapters a of  scale_a * dropout_a(x) @ A_a^T @ B_a^T
 
-The base is an ``nn.Linear``, a Hugging Face ``Conv1D`` (weight stored transposed, (in, out)) or an
-``NF4Linear`` (anything with ``dequantize_weight(dtype)``). The base is frozen and never replaced, so ejecting
-gives back the very module that was wrapped.
+`LoRALayer` holds what every target kind shares: the base (frozen, never replaced, so ejecting gives back the
+very module that was wrapped), its adapters by name (``layer.adapters``, an ``nn.ModuleDict`` of
+`lowrank.adapter.LoRAAdapter`), the active names, merging, and the state-dict naming. A target kind (linear here;
+embeddings, experts) is a subclass with its own forward.
 
-State-dict naming: the wrapper is invisible in ``state_dict()``. Its keys are the base's keys under the layer's
-own prefix (``q_proj.weight``, not ``q_proj.base.weight``) plus ``q_proj.lora_A`` / ``q_proj.lora_B``. Loading
-renames the other way, and a checkpoint of the original model (no adapter keys) loads with ``strict=True``.
+State-dict naming: the wrapper is invisible. Base keys keep the layer's own prefix (``q_proj.weight``, not
+``q_proj.base.weight``); adapter ``"default"`` adds ``q_proj.lora_A`` / ``q_proj.lora_B`` (round 1's keys); any
+other adapter ``n`` adds ``q_proj.lora_A.n`` / ``q_proj.lora_B.n``. A checkpoint of the original model (no adapter
+keys) loads with ``strict=True``.
 
-Fused inference (opt-in, ``LOWRANK_FUSED_LORA=1``): over an NF4 base, a forward that needs no gradient can
-compute the base matmul and ``x A^T`` in one pass over x (``lowrank.dispatch.nf4_lora_linear``); see
-`LoRALinear._fused_route` for when. Same casts, scale and output dtype as the unfused forward: equal to it bit
-for bit on the CPU reference path, up to float32 summation order in the Triton kernel.
+Mixed batches (`lowrank.mixed_batch`): row i of the batch gets only adapter ``names[i]``. The adapters of the
+layer are concatenated along the rank, ``A_cat`` (sum r, in) and ``B_cat`` (out, sum r), and one mask
+(batch, sum r) keeps row i's own columns (times its scale): two matmuls and a mask for any number of adapters,
+differentiable, so each adapter gets exactly the gradient of its own rows.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._match import is_conv1d, is_linear, linear_features
-from .dispatch import nf4_lora_linear
-from .nf4_linear import NF4Linear
+from .adapter import LoRAAdapter, check_hyperparameters
+from .base import BaseView, base_view
 
-_ADAPTER_KEYS = ("lora_A", "lora_B")
-
-
-def _fused_lora_enabled() -> bool:
-    """``LOWRANK_FUSED_LORA=1`` (read per call; anything else is off) lets inference forwards over an NF4 base
-    take the one-pass route. Off by default: the route has no GPU measurement yet (benchmarks/bench_nf4.py,
-    entry lora_decode, times it at decode sizes); a GPU session will measure it and may switch the default."""
-    return os.environ.get("LOWRANK_FUSED_LORA", "") == "1"
+DEFAULT = "default"
 
 
-def lora_scale(alpha: float, r: int, rslora: bool) -> float:
-    """The adapter's multiplier: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT's ``use_rslora``)."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def _check_hyperparameters(r, alpha, dropout, adapter_dtype) -> None:
-    """Raise a ValueError/TypeError naming the first bad LoRA hyper-parameter (shared with `inject`)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an int >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
-        raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable rank-``r`` update.
-
-    ``y = base(x) + scale * dropout(x) @ A^T @ B^T``, ``scale = alpha / r`` (rslora: ``alpha / sqrt(r)``), with
-    x of shape (..., in_features) and y of shape (..., out_features). A is Kaiming-uniform (a = sqrt 5), B is
-    zero, so the wrapped layer starts out computing exactly what the base computes. A and B are stored in
-    ``adapter_dtype`` (float32 by default, even for a bf16/fp16 base: small updates to low-precision weights
-    would round away) and cast to the input's dtype in ``forward``; the output has the input's dtype. Note that
-    ``model.to(dtype)`` after wrapping casts A and B too: cast the model first, then inject.
-
-    Merging (`merge` / `unmerge`) is explicit, idempotent and exact to undo, never a side effect of ``eval()``.
-    While merged the adapter cannot be trained: a forward in training mode with gradients enabled raises
-    RuntimeError (the merged forward never reads A and B, so they would silently get no gradient); inference
-    (``eval()`` or ``torch.no_grad()``) is fine. ``load_state_dict`` while merged raises too.
-
-    Args:
-        base: the layer to adapt: ``nn.Linear``, HF ``Conv1D`` or ``NF4Linear``. Its parameters are frozen.
-        r: rank of the update, >= 1.
-        alpha: scaling numerator, > 0.
-        dropout: dropout probability on the adapter's input, in [0, 1).
-        rslora: use ``scale = alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
-        adapter_dtype: dtype of A and B.
+class LoRALayer(nn.Module):
+    """A frozen base module and its adapters by name (the part every target kind shares).
 
     Attributes:
-        merged: True while ``scale * B @ A`` is folded into the weight used by ``forward`` (see `merge`).
+        base: the wrapped module (frozen). adapters: ``nn.ModuleDict`` name -> adapter, in the order added.
+        active: the names applied by ``forward`` (set by `lowrank.set_adapter`; names this layer lacks add nothing).
+        merged: True while the active adapters are folded into the weight ``forward`` uses (see `merge`).
         enabled: False makes ``forward`` compute the base alone (see ``lowrank.disabled``).
-        fan_in_fan_out: True for a ``Conv1D`` base, whose weight is (in_features, out_features).
-
-    Raises:
-        TypeError: ``base`` is not a linear layer.
-        ValueError: a hyper-parameter is out of range.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        r: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        *,
-        adapter_dtype: torch.dtype = torch.float32,
-    ):
-        if isinstance(base, LoRALinear):
-            raise TypeError("base is already a LoRALinear: adapters do not stack; eject or reuse the existing one")
-        if not is_linear(base):
-            raise TypeError(f"base must be nn.Linear, HF Conv1D or NF4Linear, got {type(base).__name__}")
-        _check_hyperparameters(r, alpha, dropout, adapter_dtype)
+    def __init__(self, base: nn.Module, view: BaseView):
+        if isinstance(base, LoRALayer):
+            raise TypeError("base is already a LoRA layer: add adapters to it (inject with a new adapter_name)")
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
-        self.in_features, self.out_features = linear_features(base)
-        self.fan_in_fan_out = is_conv1d(base)
-        self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
-        self.scale = lora_scale(self.alpha, r, self.rslora)
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
-
-        device = next(iter(base.parameters()), torch.empty(0)).device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=adapter_dtype))
-        # Same init as nn.Linear's weight: uniform(-1/sqrt(in), 1/sqrt(in)).
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
+        self.__dict__["view"] = view  # stateless view of `base`; not a submodule
+        self.in_features, self.out_features = view.in_features, view.out_features
+        self.fan_in_fan_out = view.fan_in_fan_out
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
         self.merged = False
+        self.merged_adapters: tuple[str, ...] = ()
         self.enabled = True
+        self.mixed = None  # a lowrank.adapters.MixedBatch while one is active
         # While merged, a dense base's original weight Parameter is set aside (the base holds a new Parameter
-        # W0 + delta). Kept in __dict__, not as a buffer or parameter: it must not be registered anywhere, and
-        # the very object goes back on unmerge (a weight tied to another module, e.g. a GPT-2 head, is never
-        # written to). For an NF4 base, which stays untouched, the dense merged weight is a non-persistent buffer
-        # (it follows .to() but never reaches a checkpoint).
+        # W0 + delta). Kept in __dict__, not registered: the very object goes back on unmerge (a weight tied to
+        # another module, e.g. a GPT-2 head, is never written to). A quantized base stays untouched; its dense
+        # merged weight is a non-persistent buffer (follows .to(), never reaches a checkpoint).
         self.__dict__["_original_weight"] = None
         self.register_buffer("_merged_weight", None, persistent=False)
-        self._lora_keys_absent: tuple[str, ...] = ()
+        self._absent_keys: tuple[str, ...] = ()
         self.register_state_dict_post_hook(_state_dict_post_hook)
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
-        # Follow the base's mode: injecting into a model in eval() must not switch the adapter's dropout on.
-        self.train(base.training)
+        self.train(base.training)  # injecting into a model in eval() must not switch dropout on
 
-    # HF code reads e.g. `q_proj.weight.dtype`; the wrapper answers for its base.
+    # ---- adapters by name --------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+
+    def active_adapters(self) -> list[str]:
+        """The active names this layer has, in activation order."""
+        return [n for n in self.active if n in self.adapters]
+
+    def _single(self) -> LoRAAdapter:
+        """The adapter the round-1 attributes (``lora_A``, ``r``, ``scale``, ...) answer for: the only one, or
+        the only active one."""
+        if len(self.adapters) == 1:
+            return next(iter(self.adapters.values()))
+        active = self.active_adapters()
+        if len(active) == 1:
+            return self.adapters[active[0]]
+        raise RuntimeError(
+            f"this layer has adapters {list(self.adapters)} (active: {active}); use layer.adapters[name]"
+        )
+
+    lora_A = property(lambda self: self._single().lora_A)
+    lora_B = property(lambda self: self._single().lora_B)
+    r = property(lambda self: self._single().r)
+    alpha = property(lambda self: self._single().alpha)
+    scale = property(lambda self: self._single().scale)
+    rslora = property(lambda self: self._single().rslora)
+    dropout_p = property(lambda self: self._single().dropout_p)
+    dropout = property(lambda self: self._single().dropout)
+
     @property
-    def weight(self) -> torch.Tensor:
+    def weight(self) -> torch.Tensor:  # HF code reads e.g. `q_proj.weight.dtype`: answer for the base
         return self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
+        return self.view.bias
 
-    @property
-    def _quantized(self) -> bool:
-        return isinstance(self.base, NF4Linear)
+    # ---- dense weights and merging -----------------------------------------------------------------------
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The update ``scale * B @ A`` of shape (out_features, in_features), differentiable.
-
-        Args:
-            dtype: compute and return in this dtype; default the adapter dtype (float32).
-        """
-        dtype = dtype or self.lora_A.dtype
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale  # (out, r) @ (r, in)
+        """The single adapter's ``scale * B @ A``, (out_features, in_features), differentiable (see `_single`)."""
+        return self._single().delta_weight(dtype)
 
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The frozen base weight W0 as a dense (out_features, in_features) tensor, also while merged.
-
-        NF4 bases are dequantized; Conv1D weights are transposed (a view unless ``dtype`` changes it).
-        """
-        if self._quantized:
-            return self.base.dequantize_weight(dtype)
-        w = self._original_weight if self.merged else self.base.weight
-        w = w.T if self.fan_in_fan_out else w
-        return w if dtype is None else w.to(dtype)
+        """The frozen base weight W0 as a dense (out_features, in_features) tensor, also while merged."""
+        if self.merged and not self.view.quantized:
+            w = self._original_weight
+            w = w.T if self.fan_in_fan_out else w
+            return w if dtype is None else w.to(dtype)
+        return self.view.dense_weight(dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        """``W0 + scale * B @ A`` as a dense (out_features, in_features) tensor, whatever the merge state.
+        """W0 with the active adapters folded in (the merged ones while merged), (out_features, in_features).
 
-        Summed in float32 (or wider if the base or adapter is) and rounded once to the base's dtype (NF4: its
-        ``dense_dtype``, the compute dtype else the original). What `merge` folds in and ``save_merged`` writes.
+        Summed in float32 (or wider if the base or an adapter is) and rounded once to the base's dense dtype.
+        What `merge` uses and ``save_merged`` writes.
         """
-        dtype = self.base.dense_dtype if self._quantized else self.dense_base_weight().dtype
-        wide = torch.promote_types(torch.promote_types(torch.float32, self.lora_A.dtype), dtype)
-        return (self.dense_base_weight(wide) + self.delta_weight(wide)).to(dtype)
-
-    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T + b`` with W given as (out, in) or, for Conv1D, in the base's (in, out) layout."""
-        bias = self.bias
-        bias = None if bias is None else bias.to(x.dtype)
-        if self.fan_in_fan_out:
-            # Same op as HF Conv1D's forward (addmm), so the disabled-while-merged output is bit-identical to it.
-            x2d = x.reshape(-1, self.in_features)  # (M, in) @ (in, out)
-            out = x2d @ weight.to(x.dtype) if bias is None else torch.addmm(bias, x2d, weight.to(x.dtype))
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, weight.to(x.dtype), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features), in x's dtype."""
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                # The merged forward never touches A and B: training now would silently leave them unchanged.
-                raise RuntimeError(
-                    "LoRALinear is merged, so its forward does not use lora_A/lora_B and they would get no gradient. "
-                    "Call lowrank.unmerge(model) before training, or run inference under model.eval() or "
-                    "torch.no_grad()."
-                )
-            if not self.enabled:
-                # Disabled means "the base model": the base as it was before merging.
-                return self.base(x) if self._quantized else self._dense_forward(x, self._original_weight)
-            if self._quantized:
-                return self._dense_forward(x, self._merged_weight)
-            return self.base(x)  # the base weight holds W0 + delta
-
-        if self.enabled and self._fused_route(x):
-            return self._fused_forward(x)
-        result = self.base(x)
-        if not self.enabled:
-            return result
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        # Scale the (..., r) intermediate: r is the smallest dimension, so this is the cheapest place.
-        update = F.linear(F.linear(self.dropout(x), a) * self.scale, b)  # (..., in) -> (..., r) -> (..., out)
-        return result + update.to(result.dtype)
-
-    def _fused_route(self, x: torch.Tensor) -> bool:
-        """Whether this (unmerged, enabled) forward may take `_fused_forward`: all of
-
-        - the switch is on (``LOWRANK_FUSED_LORA=1``) and the base is an ``NF4Linear`` without hooks (the fused
-          forward does not call the base module) computing in x's dtype (``compute_dtype`` None or x.dtype: the
-          one x read serves both products);
-        - dropout is inactive (p = 0 or eval mode): the adapter reads the very x the base reads;
-        - no gradient is needed: grad mode off, or none of x, A, B and the base bias requires grad (the fused op
-          has no backward).
-        """
-        base = self.base
-        if not (isinstance(base, NF4Linear) and _fused_lora_enabled()):  # the type first: no env read for dense bases
-            return False
-        if base._forward_hooks or base._forward_pre_hooks:
-            return False
-        if base.compute_dtype not in (None, x.dtype) or x.shape[-1] != self.in_features:
-            return False
-        if self.dropout_p > 0 and self.training:
-            return False
-        needs_grad = (x, self.lora_A, self.lora_B, base.bias)
-        return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in needs_grad)
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unmerged forward with ``(x W^T + b, x A^T)`` from one pass over x, then exactly the unfused casts:
-        xa (float32) rounded to x's dtype, scaled, multiplied by B in x's dtype, added to the base output."""
-        bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        result, xa = nf4_lora_linear(x, self.base.nf4_weight(), bias, a)  # (..., out) in x.dtype, (..., r) float32
-        update = F.linear(xa.to(x.dtype) * self.scale, b)  # (..., r) -> (..., out)
-        return result + update.to(result.dtype)
+        names = self.merged_adapters if self.merged else self.active_adapters()
+        dtype = self.view.dtype
+        wide = torch.promote_types(torch.float32, dtype)
+        for n in names:
+            wide = torch.promote_types(wide, self.adapters[n].lora_A.dtype)
+        w = self.dense_base_weight(wide)
+        for n in names:
+            w = self.adapters[n].merge_weight(w)
+        return w.to(dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scale * B @ A`` into the weight ``forward`` uses. Idempotent.
+        """Fold the active adapters into the weight ``forward`` uses. Idempotent; a layer with none is left as is.
 
-        Dense base (Linear / Conv1D): the original weight Parameter is set aside and ``base.weight`` becomes a new
-        frozen Parameter ``W0 + delta``, computed in float32 (or wider if the base or adapter is) and rounded once
-        to the base dtype. Cost: one extra copy of each adapted weight while merged. That rounding is at most half
-        an ulp: ``|err| <= u * |W0 + delta|`` elementwise with u = 2^-8 for bf16, 2^-11 for fp16, 2^-24 for
-        float32 (plus the float32 sum's own 2^-24 for low-precision bases). Because the original is kept (the same
-        object, never written to, so a weight tied to another module is safe), `unmerge` and `lowrank.eject`
-        restore it bit-exactly.
-
-        NF4 base: the 4-bit weight is left untouched; a dense ``dequantize(W0) + delta`` in the layer's compute
-        dtype (else the original weight dtype) is built and used by ``forward`` until `unmerge` drops it. Cost:
-        one dense copy of the weight. The merged layer then skips re-quantization, so its output matches the
-        unmerged one up to the compute dtype's rounding.
-
-        ``state_dict()`` does not depend on the merge state: it always holds the original base weights and A, B.
+        Dense base: the original weight Parameter is set aside and the base gets a new frozen Parameter
+        ``W0 + delta`` (summed wide, rounded once: at most half an ulp of the base dtype). Quantized base: it is
+        left untouched and a dense merged copy in its dense dtype serves ``forward``. Either costs one dense copy
+        of the weight while merged; `unmerge` is exact (nothing is subtracted).
         """
-        if self.merged:
+        if self.merged or not self.active_adapters():
             return
+        if self.mixed is not None:
+            raise RuntimeError("cannot merge while lowrank.mixed_batch is active (each row has its own adapter)")
         merged = self.merged_weight()  # (out, in)
-        if self._quantized:
+        if self.view.quantized:
             self._merged_weight = merged
         else:
             self.__dict__["_original_weight"] = self.base.weight
-            merged = merged.T.contiguous() if self.fan_in_fan_out else merged  # Conv1D stores (in, out)
+            merged = merged.T.contiguous() if self.fan_in_fan_out else merged  # stored (in, out)
             self.base.weight = nn.Parameter(merged, requires_grad=False)
+        self.merged_adapters = tuple(self.active_adapters())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge` exactly (the original weight was kept, nothing is subtracted). Idempotent."""
+        """Undo `merge` exactly (the original weight was kept). Idempotent."""
         if not self.merged:
             return
-        if self._quantized:
+        if self.view.quantized:
             self._merged_weight = None
         else:
             self.base.weight = self._original_weight  # it followed any .to() since merge: see `_apply`
             self.__dict__["_original_weight"] = None
-        self.merged = False
+        self.merged, self.merged_adapters = False, ()
+
+    def _check_merged_forward(self) -> None:
+        params = [p for n in self.merged_adapters for p in self.adapters[n].parameters()]
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            # The merged forward never touches the adapters: training now would silently leave them unchanged.
+            raise RuntimeError(
+                "this LoRA layer is merged, so its forward does not use its adapters and they would get no "
+                "gradient. Call lowrank.unmerge(model) before training, or run inference under model.eval() or "
+                "torch.no_grad()."
+            )
 
     def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (behind .to(), .cuda(), .half(), ...), plus the original weight set aside while
-        merged: it is registered nowhere, so the model being moved or cast while merged must move or cast it too
-        (a cast rounds it, as it would have rounded the unmerged model). A weight tied to another module was
-        already converted there; converting it again is a no-op."""
+        """``nn.Module._apply`` (behind .to(), .cuda(), .half()), plus the original weight set aside while merged:
+        it is registered nowhere, so it must be moved or cast here (a tied weight converted elsewhere: no-op)."""
         super()._apply(fn, recurse)
         original = self._original_weight
         if original is not None:
@@ -305,10 +196,116 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-            f"scale={self.scale:g}, rslora={self.rslora}, dropout={self.dropout_p:g}, merged={self.merged}, "
-            f"enabled={self.enabled}"
+            f"in_features={self.in_features}, out_features={self.out_features}, active={list(self.active)}, "
+            f"merged={self.merged}, enabled={self.enabled}"
         )
+
+
+class LoRALinear(LoRALayer):
+    """A frozen linear layer (``nn.Linear``, HF ``Conv1D``, ``NF4Linear`` or any base-protocol module) plus adapters.
+
+    ``y = base(x) + sum_a scale_a * dropout_a(x) @ A_a^T @ B_a^T`` over the active adapters; x (..., in_features)
+    -> y (..., out_features), in x's dtype. ``LoRALinear(base, r, alpha, dropout, rslora)`` builds the layer with
+    one adapter named "default" (round 1's constructor); `lowrank.inject` is the usual way in.
+
+    While merged the adapters cannot be trained: a forward in training mode with gradients enabled raises
+    RuntimeError; inference (``eval()`` or ``torch.no_grad()``) is fine. ``load_state_dict`` while merged raises.
+
+    Raises:
+        TypeError: ``base`` is not a linear layer, or already a LoRA layer. ValueError: a bad hyper-parameter.
+    """
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        return base_view(module) is not None
+
+    def __init__(self, base: nn.Module, r: int | None = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 rslora: bool = False, *, adapter_dtype: torch.dtype = torch.float32):  # fmt: skip
+        if isinstance(base, LoRALayer):
+            raise TypeError("base is already a LoRALinear: adapters do not stack; add one with a new adapter_name")
+        view = base_view(base)
+        if view is None:
+            raise TypeError(f"base must be nn.Linear, HF Conv1D or NF4Linear, got {type(base).__name__}")
+        if r is not None:
+            check_hyperparameters(r, alpha, dropout, adapter_dtype)  # before the base is frozen
+        super().__init__(base, view)
+        if r is not None:  # r=None: an empty layer; the caller adds adapters
+            device = next(iter(base.parameters()), torch.empty(0)).device
+            adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora,
+                                  adapter_dtype=adapter_dtype, device=device)  # fmt: skip
+            self.add_adapter(DEFAULT, adapter)
+            self.active = (DEFAULT,)
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b`` with W in the base's stored layout ((out, in), Conv1D (in, out))."""
+        bias = self.bias
+        bias = None if bias is None else bias.to(x.dtype)
+        if self.fan_in_fan_out:
+            # Same op as HF Conv1D's forward (addmm): the disabled-while-merged output is bit-identical to it.
+            x2d = x.reshape(-1, self.in_features)  # (M, in) @ (in, out)
+            out = x2d @ weight.to(x.dtype) if bias is None else torch.addmm(bias, x2d, weight.to(x.dtype))
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features), in x's dtype."""
+        if self.merged:
+            self._check_merged_forward()
+            if not self.enabled:  # "the base model": the base as it was before merging
+                return self.base(x) if self.view.quantized else self._dense_forward(x, self._original_weight)
+            return self._dense_forward(x, self._merged_weight) if self.view.quantized else self.base(x)
+        if not self.enabled:
+            return self.base(x)
+        if self.mixed is not None:
+            result = self.base(x)
+            update = self._mixed_update(x)
+            return result if update is None else result + update.to(result.dtype)
+        names = self.active_adapters()
+        if len(names) == 1:
+            fused = self._fused(x, self.adapters[names[0]])
+            if fused is not None:
+                return fused
+        result = base_out = self.base(x)
+        for n in names:
+            result = result + self.adapters[n](x, self.view, base_out).to(result.dtype)
+        return result
+
+    def _mixed_update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Row i gets adapter ``mixed.names[i]`` only: ``((drop(x) A_cat^T) * mask) B_cat^T``, x (batch, ..., in).
+
+        ``A_cat`` (R, in) and ``B_cat`` (out, R) are this layer's adapters concatenated along the rank (R = sum of
+        ranks); ``mask`` (batch, R) is row i's own columns times its scale, 0 elsewhere (None rows: all 0). The
+        concatenation is one op for any number of adapters, and zeroed columns give other adapters exactly no
+        gradient from row i.
+        """
+        plan = self.mixed.plan(self, x)  # names, (batch, R) mask in x.dtype, per-row dropout p or None
+        if not plan.names:  # no row uses an adapter of this layer
+            return None
+        adapters = [self.adapters[n] for n in plan.names]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
+        if self.training and plan.dropout is not None:
+            keep = 1.0 - plan.dropout.to(x.dtype).view(-1, 1, 1)  # (batch, 1, 1)
+            x3 = x3 * (torch.rand_like(x3) < keep) / keep
+        a = torch.cat([ad.lora_A for ad in adapters], 0).to(x.dtype)  # (R, in)
+        b = torch.cat([ad.lora_B for ad in adapters], 1).to(x.dtype)  # (out, R)
+        h = F.linear(x3, a) * plan.mask.unsqueeze(1)  # (batch, T, R)
+        return F.linear(h, b).view(*x.shape[:-1], self.out_features)  # (batch, T, out)
+
+    def _fused(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor | None:
+        """The one-pass route (base matmul and ``x A^T`` together, inference only) when the base offers it: a
+        plain adapter, dropout inactive, no gradient needed. Same casts, scale and output dtype as the unfused
+        forward (bit for bit on the CPU reference path)."""
+        if not adapter.mixable or (adapter.dropout_p > 0 and self.training):
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, adapter.lora_A, adapter.lora_B, self.bias)):  # fmt: skip
+            return None
+        a, b = adapter.lora_A.to(x.dtype), adapter.lora_B.to(x.dtype)
+        out = self.view.fused_lora_forward(x, a)
+        if out is None:
+            return None
+        result, xa = out  # (..., out) in x.dtype, (..., r) wide
+        return result + F.linear(xa.to(x.dtype) * adapter.scale, b).to(result.dtype)
 
 
 # --- state-dict naming ----------------------------------------------------------------------------------------
@@ -316,47 +313,73 @@ class LoRALinear(nn.Module):
 # cycle and a lambda would break pickling/deepcopy of the model.
 
 
-def _state_dict_post_hook(module: LoRALinear, state_dict, prefix: str, local_metadata) -> None:
-    """``<prefix>base.<rest>`` -> ``<prefix><rest>``, base keys first, then lora_A, lora_B (original order)."""
+def adapter_key(param: str, name: str) -> str:
+    """State-dict key (relative to the layer) of adapter ``name``'s parameter ``param``: ``lora_A`` for the
+    default adapter (round 1), ``lora_A.<name>`` for any other."""
+    return param if name == DEFAULT else f"{param}.{name}"
+
+
+def _adapter_keys(module: LoRALayer) -> dict[str, str]:
+    """{state-dict key relative to the layer: internal key ``adapters.<name>.<param>``} for every adapter."""
+    return {
+        adapter_key(param, name): f"adapters.{name}.{param}"
+        for name, adapter in module.adapters.items()
+        for param, _ in itertools.chain(adapter.named_parameters(), adapter.named_buffers())
+    }
+
+
+def _state_dict_post_hook(module: LoRALayer, state_dict, prefix: str, local_metadata) -> None:
+    """``<prefix>base.<rest>`` -> ``<prefix><rest>`` and ``<prefix>adapters.<n>.<p>`` -> ``<prefix><p>[.<n>]``."""
     base_prefix = prefix + "base."
-    # This layer's keys are the last ones written (own params, then the base's subtree): pop and re-insert them.
-    # Walk back from the end only as far as they go: a scan of the whole dict per layer would make state_dict()
-    # quadratic in the number of adapted layers.
+    # This layer's keys are the last ones written: pop and re-insert them, walking back only as far as they go (a
+    # scan of the whole dict per layer would make state_dict() quadratic in the number of adapted layers).
     ours = list(itertools.takewhile(lambda k: k.startswith(prefix), reversed(state_dict)))[::-1]
     items = {k: state_dict.pop(k) for k in ours}
     for key, value in items.items():
         if key.startswith(base_prefix):
             state_dict[prefix + key[len(base_prefix) :]] = value
-    if module.merged and not module._quantized and (prefix + "weight") in state_dict:
-        # A checkpoint means "base + adapter" whatever the merge state: save the original weight, not W0 + delta.
+    if module.merged and not module.view.quantized and (prefix + "weight") in state_dict:
+        # A checkpoint means "base + adapters" whatever the merge state: save the original weight, not W0 + delta.
         original = module._original_weight
         keep_vars = isinstance(state_dict[prefix + "weight"], nn.Parameter)
         state_dict[prefix + "weight"] = original if keep_vars else original.detach()
-    for name in _ADAPTER_KEYS:
-        if prefix + name in items:
-            state_dict[prefix + name] = items[prefix + name]
+    for public, internal in _adapter_keys(module).items():
+        if prefix + internal in items:
+            state_dict[prefix + public] = items[prefix + internal]
 
 
-def _load_pre_hook(module: LoRALinear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """Incoming ``<prefix><rest>`` (a base key) -> ``<prefix>base.<rest>``; remember absent adapter keys."""
+def _load_pre_hook(module: LoRALayer, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Incoming base keys -> ``<prefix>base.<rest>``, adapter keys -> ``<prefix>adapters.<n>.<p>``."""
     if module.merged:
         raise RuntimeError(
             f"cannot load a state dict into merged LoRA layer {prefix[:-1] or type(module).__name__!r}: "
             "call lowrank.unmerge(model) first"
         )
+    adapter_keys = _adapter_keys(module)
+    present = False
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if rest in _ADAPTER_KEYS or rest.startswith("base."):
-            continue
-        state_dict[prefix + "base." + rest] = state_dict.pop(key)
-    names = tuple(prefix + n for n in _ADAPTER_KEYS)
-    # Only when BOTH are absent is this a base checkpoint; a checkpoint missing one of them is broken and must fail.
-    module._lora_keys_absent = names if not any(n in state_dict for n in names) else ()
+        if rest in adapter_keys:
+            state_dict[prefix + adapter_keys[rest]] = state_dict.pop(key)
+            present = True
+        elif not rest.startswith(("base.", "adapters.")):
+            state_dict[prefix + "base." + rest] = state_dict.pop(key)
+        else:
+            present = present or rest.startswith("adapters.")
+    # Only when NO adapter key is there is this a base checkpoint; one missing some of them is broken and must fail.
+    module._absent_keys = () if present else tuple(prefix + k for k in adapter_keys.values())
 
 
-def _load_post_hook(module: LoRALinear, incompatible_keys) -> None:
-    """A checkpoint of the original model (no adapter keys) loads with strict=True: the adapter keeps its values."""
-    for key in module._lora_keys_absent:
-        if key in incompatible_keys.missing_keys:
-            incompatible_keys.missing_keys.remove(key)
-    module._lora_keys_absent = ()
+def _load_post_hook(module: LoRALayer, incompatible_keys) -> None:
+    """A checkpoint of the original model (no adapter keys) loads with strict=True: the adapters keep their values.
+    Missing adapter keys are reported under their public names."""
+    missing = incompatible_keys.missing_keys
+    for key in module._absent_keys:
+        if key in missing:
+            missing.remove(key)
+    module._absent_keys = ()
+    public = {internal: name for name, internal in _adapter_keys(module).items()}
+    for i, key in enumerate(missing):
+        head, sep, rest = key.partition("adapters.")
+        if sep and rest and f"adapters.{rest}" in public and not head.endswith("base."):
+            missing[i] = head + public[f"adapters.{rest}"]

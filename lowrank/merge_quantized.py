@@ -28,7 +28,7 @@ from torch import nn
 from . import nf4 as _nf4
 from . import nf4_search
 from ._progress import progress as _progress
-from .inject import _set_submodule, lora_layers
+from .adapters import lora_layers, replace_module
 from .nf4_linear import NF4Linear
 
 METHODS = ("round", "search", "gptq")
@@ -226,5 +226,5 @@ def merge_quantized(model: nn.Module, *, method: str | None = None, calibration=
             ))  # fmt: skip
             replacements.append((name, _new_base(base, q)))
     for name, new in replacements:
-        _set_submodule(model, name, new)
+        replace_module(model, name, new)
     return report

@@ -16,6 +16,7 @@ floating ``weight`` of shape (out_features, in_features), which it quantizes.
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,8 @@ from . import nf4 as _nf4
 from . import nf4_search
 from ._match import find_targets, is_conv1d, is_linear
 from .dispatch import dequantize as _dequantize
-from .dispatch import nf4_linear
+from .dispatch import nf4_linear, nf4_lora_linear
+from .lora import LoRALayer
 from .nf4 import NF4Tensor
 
 _QUANT_STATE = "quant_state.bitsandbytes__nf4"
@@ -75,7 +77,7 @@ class NF4Linear(nn.Module):
     (``lowrank.dispatch.nf4_linear``) and never kept alive for the backward pass.
     """
 
-    _lowrank_linear = True
+    _lowrank_base = True  # the base protocol of lowrank.base: LoRA layers wrap it without knowing this class
 
     def __init__(
         self,
@@ -171,6 +173,25 @@ class NF4Linear(nn.Module):
         Runs the Triton dequantize kernel for CUDA weights, the torch reference otherwise (bit-identical).
         """
         return _dequantize(self.nf4_weight(), dtype)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base protocol's dense weight: `dequantize_weight`."""
+        return self.dequantize_weight(dtype)
+
+    def fused_lora_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(self(x), x A^T)`` from one pass over x (inference only), or None when that route does not apply.
+
+        Applies when ``LOWRANK_FUSED_LORA=1`` (off by default: no GPU measurement yet; benchmarks/bench_nf4.py,
+        entry lora_decode), the layer has no hooks (the route does not call ``forward``) and computes in x's dtype
+        (one x read serves both products). The caller guarantees that no gradient is needed. ``x A^T`` comes back
+        in float32 (float64 for float64 x), not yet rounded to x.dtype.
+        """
+        if os.environ.get("LOWRANK_FUSED_LORA", "") != "1" or self._forward_hooks or self._forward_pre_hooks:
+            return None
+        if self.compute_dtype not in (None, x.dtype) or x.shape[-1] != self.in_features:
+            return None
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nf4_lora_linear(x, self.nf4_weight(), bias, a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -335,15 +356,13 @@ def quantize(
         ValueError: bad block size; nothing matched; every match is already NF4; a match is a LoRA layer
             ("quantize before inject") or not a linear layer; a weight holds NaN/inf or lives on the meta device.
     """
-    from .lora import LoRALinear  # local: lora.py imports this module
-
     _nf4.check_block_size(block_size)
     _check_compute_dtype(compute_dtype)
     _quantizer(method)
     found = find_targets(model, targets, exclude)
     todo = []
     for name, module in found:
-        if isinstance(module, LoRALinear):  # a state problem, not a wrong argument type: ValueError
+        if isinstance(module, LoRALayer):  # a state problem, not a wrong argument type: ValueError
             raise ValueError(f"{name} is a LoRALinear: quantize before inject (lowrank.quantize, then lowrank.inject)")
         if isinstance(module, NF4Linear):
             continue

@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from .lora import LoRALinear
+from .adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -60,7 +60,13 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: str | None) -> dict:
+def build_config(
+    layers: list[tuple[str, LoRAAdapter]], base_model_name_or_path: str | None, fan_in_fan_out: bool = False
+) -> dict:
+    """PEFT's config for one adapter: ``layers`` is [(qualified layer name, that layer's adapter)].
+
+    ``fan_in_fan_out``: some adapted layer is a Conv1D (PEFT decides per layer anyway).
+    """
     rslora = {bool(layer.rslora) for _, layer in layers}
     if len(rslora) > 1:
         raise ValueError("PEFT's config has one use_rslora flag, but some adapted layers use rsLoRA and others do not")
@@ -89,7 +95,7 @@ def build_config(layers: list[tuple[str, LoRALinear]], base_model_name_or_path: 
         "exclude_modules": None,
         "lora_dropout": dropouts.most_common(1)[0][0],
         "use_rslora": rslora.pop(),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "bias": "none",
         "init_lora_weights": True,
         "use_dora": False,

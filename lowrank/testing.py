@@ -1,7 +1,9 @@
 """Check an adapted model against its dense equivalent, for use in your own unit tests.
 
-The dense equivalent of a `LoRALinear` is one linear layer with weight ``W0 + scale * B @ A`` (``W0``
-dequantized for an NF4 base). Two views of it:
+The dense equivalent of a `LoRALinear` is one linear layer with weight ``W0 + sum_a scale_a * B_a @ A_a`` over
+its active adapters. The reference is built independently of the layer's own code: ``W0`` from the raw base
+parameters (Conv1D transposed; NF4 decoded by the format's reference ``lowrank.nf4.dequantize``) and each scale
+from ``alpha``, ``r`` and ``rslora`` (``alpha / r``, rsLoRA ``alpha / sqrt(r)``). Two views of it:
 
 * `dense_equivalent(model)`: a copy of the model with every adapted layer replaced by a plain ``nn.Linear``
   holding the materialised weight (what `lowrank.merge` approximates; useful for export checks);
@@ -20,6 +22,7 @@ reference is near zero and says nothing about the kernel).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inject import _set_submodule, adapter_parameters, lora_layers
-from .lora import LoRALinear
+from . import nf4
+from .adapter import LoRAAdapter
+from .adapters import lora_layers, replace_module
+from .base import is_conv1d
+from .inject import adapter_parameters
+from .lora import LoRALayer
 
 __all__ = ["DenseComparison", "LayerDeviation", "assert_matches_dense", "compare_with_dense", "dense_equivalent"]
 
@@ -38,12 +45,34 @@ __all__ = ["DenseComparison", "LayerDeviation", "assert_matches_dense", "compare
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def _replace(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> nn.Module:
-    if isinstance(model, LoRALinear):
+def _replace(model: nn.Module, make: Callable[[LoRALayer], nn.Module]) -> nn.Module:
+    if isinstance(model, LoRALayer):
         return make(model)
     for name, layer in list(lora_layers(model)):
-        _set_submodule(model, name, make(layer))
+        replace_module(model, name, make(layer))
     return model
+
+
+def _raw_base_weight(layer: LoRALayer, dtype: torch.dtype) -> torch.Tensor:
+    """W0 (out, in) in ``dtype`` from the base's own parameters, not through the layer's code."""
+    base = layer.base
+    if hasattr(base, "nf4_weight"):  # NF4: the format's reference decoder, with the layer's rounding rule
+        q = base.nf4_weight()
+        return nf4.dequantize(q, nf4.rounding_dtype(q, dtype)).to(dtype)
+    weight = layer._original_weight if layer.merged and layer._original_weight is not None else base.weight
+    return (weight.T if is_conv1d(base) else weight).detach().to(dtype)
+
+
+def _reference_adapters(layer: LoRALayer) -> list[tuple[LoRAAdapter, float]]:
+    """(adapter, scale from alpha / r / rslora) for the adapters the layer applies."""
+    names = layer.merged_adapters if layer.merged else layer.active_adapters()
+    out = []
+    for name in names:
+        a = layer.adapters[name]
+        if type(a) is not LoRAAdapter:
+            raise NotImplementedError(f"no dense reference for adapter type {type(a).__name__} ({name!r})")
+        out.append((a, a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r))
+    return out
 
 
 def dense_equivalent(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -58,10 +87,12 @@ def dense_equivalent(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         The copy; ``model`` is not modified. Conv1D layers become ``nn.Linear`` (weight transposed back).
     """
 
-    def make(layer: LoRALinear) -> nn.Module:
-        w = layer.dense_base_weight(torch.float64) + layer.delta_weight(torch.float64)  # (out, in)
+    def make(layer: LoRALayer) -> nn.Module:
+        w = _raw_base_weight(layer, torch.float64)  # (out, in)
+        for a, scale in _reference_adapters(layer):
+            w = w + scale * (a.lora_B.double() @ a.lora_A.double())
         bias = layer.bias
-        target = dtype or (getattr(layer.base, "dtype", None) if layer._quantized else layer.base.weight.dtype)
+        target = dtype or (layer.base.dtype if hasattr(layer.base, "nf4_weight") else layer.base.weight.dtype)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=w.device, dtype=target)
         with torch.no_grad():
             dense.weight.copy_(w)
@@ -76,20 +107,23 @@ def dense_equivalent(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 class _DenseReparam(nn.Module):
-    """``y = x (W0 + scale * B @ A)^T + b`` with A, B as trainable leaves: the reference LoRA must reproduce."""
+    """``y = x (W0 + sum_a scale_a * B_a @ A_a)^T + b`` with every A, B as a trainable leaf: what LoRA must match."""
 
-    def __init__(self, layer: LoRALinear, dtype: torch.dtype):
+    def __init__(self, layer: LoRALayer, dtype: torch.dtype):
         super().__init__()
+        adapters = _reference_adapters(layer)
         with torch.no_grad():
-            self.register_buffer("w0", layer.dense_base_weight(dtype).clone())  # (out, in)
+            self.register_buffer("w0", _raw_base_weight(layer, dtype).clone())  # (out, in)
             bias = layer.bias
             self.register_buffer("b", None if bias is None else bias.detach().to(dtype).clone())
-            self.lora_A = nn.Parameter(layer.lora_A.detach().to(dtype).clone())
-            self.lora_B = nn.Parameter(layer.lora_B.detach().to(dtype).clone())
-        self.scale = layer.scale
+            self.lora_A = nn.ParameterList([a.lora_A.detach().to(dtype).clone() for a, _ in adapters])
+            self.lora_B = nn.ParameterList([a.lora_B.detach().to(dtype).clone() for a, _ in adapters])
+        self.scales = [scale for _, scale in adapters]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.w0 + self.scale * (self.lora_B @ self.lora_A)  # (out, r) @ (r, in)
+        w = self.w0
+        for a, b, scale in zip(self.lora_A, self.lora_B, self.scales):
+            w = w + scale * (b @ a)  # (out, r) @ (r, in)
         return F.linear(x, w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
 
 
@@ -203,7 +237,7 @@ def compare_with_dense(
     taken with ``torch.autograd.grad``, so existing ``.grad`` fields are untouched.
 
     Args:
-        model: a model containing `LoRALinear` layers.
+        model: a model containing LoRA layers (plain LoRA adapters; the active ones are compared).
         inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments. Floating tensors are
             cast to ``dtype`` for the reference; integer tensors (token ids) are passed unchanged.
         loss_fn: ``output -> scalar``. Default: ``sum(out * G)`` with ``out`` the main output tensor (``.logits``
@@ -215,7 +249,7 @@ def compare_with_dense(
     """
     layers = list(lora_layers(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to compare")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to compare")
     compute_dtype = _compute_dtype(model, inputs)
     reference = _replace(copy.deepcopy(model), lambda layer: _DenseReparam(layer, dtype)).to(dtype)
     ref_layers = [m for m in reference.modules() if isinstance(m, _DenseReparam)]
@@ -238,19 +272,24 @@ def compare_with_dense(
     if loss_fn is None:
         probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         loss_fn = lambda output: (_first_tensor(output).double() * probe.to(_first_tensor(output).device)).sum()  # noqa: E731
-    params = [p for _, m in layers for p in (m.lora_A, m.lora_B)]
-    ref_params = [p for m in ref_layers for p in (m.lora_A, m.lora_B)]
+    entries = [  # (report name, A, B) per applied adapter of each layer
+        ((name or type(model).__name__) + (f"[{n}]" if len(m.active_adapters()) > 1 else ""), m.adapters[n])
+        for name, m in layers
+        for n in m.active_adapters()
+    ]
+    params = [p for _, a in entries for p in (a.lora_A, a.lora_B)]
+    ref_params = [p for m in ref_layers for pair in zip(m.lora_A, m.lora_B) for p in pair]
     grads = torch.autograd.grad(loss_fn(out), params, allow_unused=True)
     ref_grads = torch.autograd.grad(loss_fn(ref_out), ref_params, allow_unused=True)
-    for i, (name, _) in enumerate(layers):
+    for i, (label, _) in enumerate(entries):
         deviations = []
-        for k in (2 * i, 2 * i + 1):  # A, then B of this layer
+        for k in (2 * i, 2 * i + 1):  # A, then B of this adapter
             zero = torch.zeros_like(params[k])
             got_k = zero if grads[k] is None else grads[k]
             ref_k = zero if ref_grads[k] is None else ref_grads[k]
             deviations.extend(_deviation(got_k, ref_k))
-        report.layers[name or type(model).__name__] = LayerDeviation(*deviations)
-    zero_b = [name or type(model).__name__ for name, m in layers if not m.lora_B.detach().any()]
+        report.layers[label] = LayerDeviation(*deviations)
+    zero_b = [label for label, a in entries if not a.lora_B.detach().any()]
     if zero_b:
         report.notes.append(f"B == 0 in {len(zero_b)} layer(s), so their grad A is 0 on both sides (a weak check)")
     return report

@@ -17,7 +17,7 @@ from torch import nn
 
 import lowrank
 from lowrank import dispatch, nf4
-from lowrank import lora as lora_module
+from lowrank import nf4_linear as nf4_linear_module
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -28,21 +28,21 @@ def _model(dtype=torch.float32, dropout=0.0):
     model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 40, bias=False), nn.Tanh(), nn.Linear(40, 8))
     model = model.to(dtype)
     lowrank.quantize(model, targets=["0", "2"])
-    lowrank.inject(model, targets=["0", "4"], r=5, alpha=10.0, dropout=dropout)
-    lowrank.inject(model, targets=["2"], r=20, alpha=16.0, dropout=dropout)
+    lowrank.inject(model, targets=["0", "2", "4"], r=5, alpha=10.0, dropout=dropout, rank_pattern={"2": 20},
+                   alpha_pattern={"2": 16.0})  # fmt: skip
     return randomize_adapters(model, std_b=0.1)  # B = 0 would make the adapter term vanish
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The fused op's call count: LoRALinear's reference to ``nf4_lora_linear`` wrapped with a counter."""
+    """The fused op's call count: NF4Linear's reference to ``nf4_lora_linear`` wrapped with a counter."""
     seen = []
 
     def counting(*args):
         seen.append(args[0].shape)
         return dispatch.nf4_lora_linear(*args)
 
-    monkeypatch.setattr(lora_module, "nf4_lora_linear", counting)
+    monkeypatch.setattr(nf4_linear_module, "nf4_lora_linear", counting)
     return seen
 
 

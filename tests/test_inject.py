@@ -75,7 +75,10 @@ def test_freezes_everything_but_the_adapters_and_finds_them_by_type():
     model = Toy()
     lowrank.inject(model, ["q_proj", "v_proj"], r=3, alpha=6.0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == [f"layers.{i}.{p}.lora_{ab}" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"]
+    # Parameter names are the modules' (adapters.<name>.lora_A); state-dict keys are shorter (see below).
+    assert trainable == [
+        f"layers.{i}.{p}.adapters.default.lora_{ab}" for i in range(2) for p in ("q_proj", "v_proj") for ab in "AB"
+    ]
     params = lowrank.adapter_parameters(model)
     layers = dict(lowrank.lora_layers(model))
     assert params == [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
@@ -89,11 +92,13 @@ def test_freezes_everything_but_the_adapters_and_finds_them_by_type():
     assert sd["layers.0.q_proj.lora_A"].data_ptr() == layers["layers.0.q_proj"].lora_A.data_ptr()
 
 
-def test_second_inject_on_other_layers_keeps_the_first_adapters_trainable():
+def test_second_adapter_on_other_layers_is_active_alone_until_set_adapter():
     model = Toy()
     lowrank.inject(model, ["q_proj"])
-    lowrank.inject(model, ["v_proj"], r=4)
-    assert len(lowrank.adapter_parameters(model)) == 8
+    lowrank.inject(model, ["v_proj"], r=4, adapter_name="b")
+    assert len(lowrank.adapter_parameters(model)) == 8 and len(lowrank.adapter_parameters(model, "b")) == 4
+    assert [p.requires_grad for p in lowrank.adapter_parameters(model)] == [False, False, True, True] * 2
+    lowrank.set_adapter(model, ["default", "b"])
     assert all(p.requires_grad for p in lowrank.adapter_parameters(model))
 
 
@@ -176,7 +181,7 @@ def test_bf16_model_gets_float32_adapters_on_its_device():
     layer = model.layers[0].q_proj
     assert layer.lora_A.dtype == torch.float32 and layer.lora_A.device == layer.base.weight.device
     assert model(torch.randint(0, 20, (1, 3))).dtype == torch.bfloat16
-    lowrank.inject(model, ["v_proj"], adapter_dtype=torch.bfloat16)
+    lowrank.inject(model, ["v_proj"], adapter_dtype=torch.bfloat16, adapter_name="bf16")
     assert model.layers[0].v_proj.lora_B.dtype == torch.bfloat16
 
 
@@ -184,21 +189,23 @@ def test_summary_numbers():
     model = Toy(d=12, vocab=20)
     total = sum(p.numel() for p in model.parameters())
     lowrank.inject(model, ["q_proj"], r=2, alpha=3.0)
-    lowrank.inject(model, ["lm_head"], r=4, alpha=4.0, rslora=True)
+    lowrank.inject(model, ["lm_head"], r=4, alpha=4.0, rslora=True, adapter_name="head")
+    lowrank.set_adapter(model, ["default", "head"])  # both trainable
     adapter = 2 * 2 * (12 + 12) + 4 * (12 + 20)
     frozen_bytes = 4 * total + 4 * sum(b.numel() for b in model.buffers())
     text = lowrank.summary(model)
     assert f"trainable {adapter:,} / total {total + adapter:,} parameters" in text
     assert f"({100 * adapter / (total + adapter):.4f}%)" in text
     assert "adapted layers: 3" in text
-    assert "2 x Linear: r=2, alpha=3, scale=1.5, dropout=0" in text
-    assert "1 x Linear: r=4, alpha=4, scale=2, dropout=0" in text
+    assert "adapters: ['default', 'head']; active: ['default', 'head']" in text
+    assert "'default': 2 x Linear, r=2, alpha=3, scale=1.5, dropout=0" in text
+    assert "'head': 1 x Linear, r=4, alpha=4, scale=2, dropout=0" in text
     assert f"frozen parameters and buffers: {frozen_bytes:,} bytes" in text
     lowrank.merge(model)
     # Merged: each dense layer also holds its set-aside original weight (2 q_proj of 12x12, the 20x12 head).
     extra = 4 * (2 * 12 * 12 + 20 * 12)
     assert f"frozen parameters and buffers: {frozen_bytes + extra:,} bytes" in lowrank.summary(model)
-    assert "2 x Linear: r=2, alpha=3, scale=1.5, dropout=0, merged" in lowrank.summary(model)
+    assert "'default': 2 x Linear, r=2, alpha=3, scale=1.5, dropout=0, merged" in lowrank.summary(model)
 
 
 # --- errors: each leaves the model exactly as it was ----------------------------------------------------------

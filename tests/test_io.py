@@ -83,9 +83,8 @@ def test_file_layout_keys_and_config(tmp_path, base):
 
 def test_rank_and_alpha_patterns_round_trip(tmp_path, base, x):
     model = copy.deepcopy(base)
-    lowrank.inject(model, ["up"], r=4, alpha=8)  # blocks.0.up, blocks.1.up
-    lowrank.inject(model, ["blocks.0.down"], r=2, alpha=8)
-    lowrank.inject(model, ["blocks.1.down", "head"], r=4, alpha=2.5)
+    lowrank.inject(model, ["up", "down", "head"], r=4, alpha=8, rank_pattern={"blocks.0.down": 2},
+                   alpha_pattern={"blocks.1.down": 2.5, "head": 2.5})  # fmt: skip
     randomize(model)
     lowrank.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -125,7 +124,10 @@ def test_save_rejects_what_it_cannot_write(tmp_path, base):
     with pytest.raises(ValueError, match="has no LoRA layers to save"):
         lowrank.save_adapter(copy.deepcopy(base), tmp_path)
     model = adapted(base, targets=["up"])
-    lowrank.inject(model, ["down"], r=4, alpha=8, rslora=True)
+    with pytest.raises(ValueError, match=re.escape("unknown adapter 'b'; the model has ['default']")):
+        lowrank.save_adapter(model, tmp_path, "b")
+    layer = model.blocks[1].up  # one adapter mixing rsLoRA and plain LoRA cannot be written in PEFT's config
+    layer.adapters["default"] = lowrank.LoRAAdapter(layer.in_features, layer.out_features, 4, 8, rslora=True)
     with pytest.raises(ValueError, match="one use_rslora flag"):
         lowrank.save_adapter(model, tmp_path)
     model = adapted(base)
@@ -139,8 +141,9 @@ def test_save_rejects_what_it_cannot_write(tmp_path, base):
 
 
 def test_mixed_dropout_writes_the_most_common_with_a_warning(tmp_path, base):
-    model = adapted(base, targets=["up", "blocks.0.down"], dropout=0.1)
-    lowrank.inject(model, ["blocks.1.down"], r=4, alpha=8, dropout=0.3)
+    model = adapted(base, targets=["up", "down"], dropout=0.1)
+    layer = model.blocks[1].down  # an adapter built by hand with another dropout than the rest of its adapter
+    layer.adapters["default"] = lowrank.LoRAAdapter(layer.in_features, layer.out_features, 4, 8, dropout=0.3)
     with pytest.warns(UserWarning, match=re.escape("layers use different dropout [0.1, 0.3]")):
         lowrank.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.1

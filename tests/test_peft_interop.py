@@ -52,9 +52,9 @@ def _randomize_adapters(model):
 
 
 def _lowrank_adapter(model):
-    # Two injects with different r / alpha: the file needs rank_pattern / alpha_pattern for PEFT to rebuild it.
-    lowrank.inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
-    lowrank.inject(model, ["down_proj"], r=2, alpha=6)
+    # Different r / alpha per layer: the file needs rank_pattern / alpha_pattern for PEFT to rebuild it.
+    lowrank.inject(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, rank_pattern={"down_proj": 2},
+                   alpha_pattern={"down_proj": 6})  # fmt: skip
     _randomize_adapters(model)
     return model
 
@@ -64,8 +64,8 @@ def test_lowrank_adapter_loads_in_peft_with_same_logits(tmp_path, rslora):
     base = _llama()
     ours = copy.deepcopy(base)
     if rslora:
-        lowrank.inject(ours, ["q_proj", "v_proj"], r=4, alpha=8, rslora=True)
-        lowrank.inject(ours, ["down_proj"], r=2, alpha=6, rslora=True)
+        lowrank.inject(ours, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, rslora=True,
+                       rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6})  # fmt: skip
         _randomize_adapters(ours)
     else:
         _lowrank_adapter(ours)

@@ -124,5 +124,17 @@ def test_nf4_base_is_compared_with_its_dequantized_weight():
 
 
 def test_no_adapters_is_an_error():
-    with pytest.raises(ValueError, match="has no LoRALinear layers"):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
         compare_with_dense(nn.Linear(2, 2), torch.randn(1, 2))
+
+
+def test_reference_does_not_trust_the_layer_scale():
+    """The dense reference computes each scale from alpha, r and rslora: a layer whose stored scale is wrong (as a
+    broken scale formula would make it) must fail the check, not pass against itself."""
+    model = model_with_adapters()
+    x = torch.randn(3, 6)
+    lowrank.testing.assert_matches_dense(model, x)
+    adapter = next(layer for _, layer in lowrank.lora_layers(model)).adapters["default"]
+    adapter.scale *= 1.01
+    with pytest.raises(AssertionError, match="deviates from its dense equivalent"):
+        lowrank.testing.assert_matches_dense(model, x)
