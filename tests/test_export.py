@@ -161,3 +161,12 @@ def test_gguf_bad_input(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf"]
     lowrank.save_gguf_adapter(model, tmp_path / "b.gguf", overwrite=True)
     assert _read(tmp_path / "b.gguf")[0]["general.type"] == "adapter"
+
+
+def test_gguf_several_active_adapters_are_refused(tmp_path):
+    model = _qlora()
+    lowrank.inject(model, ["q_proj"], r=2, adapter_name="other")
+    lowrank.set_adapter(model, ["default", "other"])
+    with pytest.raises(ValueError, match=r"q_proj: exactly one active adapter can be exported"):
+        lowrank.save_gguf_adapter(model, tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -133,9 +133,12 @@ def _calib(n=6, seed=0):
 def _inputs(model, batches):
     """The adapted layers' inputs (tokens, in) in float64, captured with hooks: the reference for output errors."""
     xs, hooks = {}, []
+
+    def capture(name):
+        return lambda m, a: xs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).double())
+
     for name, layer in lowrank.lora_layers(model):
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, name=name: xs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).double())))  # fmt: skip
+        hooks.append(layer.register_forward_pre_hook(capture(name)))
     with torch.no_grad():
         for b in batches:
             model(**b)
@@ -149,8 +152,11 @@ def test_merge_quantized_report_against_float64_target(method):
     model = _qlora()
     layers = dict(lowrank.lora_layers(model))
     # The target, independently: deq(Q0) + (alpha / r) * B @ A in float64.
-    target = {n: layer.base.dequantize_weight(torch.float64)
-              + (8 / 4) * layer.lora_B.detach().double() @ layer.lora_A.detach().double() for n, layer in layers.items()}  # fmt: skip
+    target = {
+        n: layer.base.dequantize_weight(torch.float64)
+        + (8 / 4) * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        for n, layer in layers.items()
+    }
     bases = {n: layer.base for n, layer in layers.items()}
     calib = _calib()
     xs = _inputs(model, calib)
@@ -244,3 +250,41 @@ def test_bad_input_leaves_the_model_unchanged():
         with pytest.raises(ValueError, match=match):
             lowrank.merge_quantized(model, **kwargs)
         assert_unchanged(model, snap)
+
+
+def test_several_active_adapters_and_mixed_batches_are_refused():
+    model = _qlora()
+    lowrank.inject(model, ["q_proj", "v_proj"], r=2, adapter_name="other")
+    lowrank.set_adapter(model, ["default", "other"])
+    snap = snapshot(model)
+    match = r"q_proj: merge_quantized folds exactly one active adapter, .*'default', 'other'"
+    with pytest.raises(ValueError, match=match):
+        lowrank.merge_quantized(model)
+    assert_unchanged(model, snap)
+    lowrank.set_adapter(model, "default")
+    snap = snapshot(model)
+    with lowrank.mixed_batch(model, ["default", "other"]):
+        with pytest.raises(ValueError, match="a lowrank.mixed_batch is active"):
+            lowrank.merge_quantized(model)
+    assert_unchanged(model, snap)
+    lowrank.merge_quantized(model)  # one active adapter: fine (the other is dropped with the LoRA layer)
+    assert not list(lowrank.lora_layers(model))
+
+
+def test_bench_merge_quantized_quick(tmp_path):
+    """The benchmark script's --quick run (tiny random Llama): every row present, finite, and the files written."""
+    import json
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_merge_quantized
+
+    result = bench_merge_quantized.main(["--quick", "--out", str(tmp_path)])
+    labels = [r["model"] for r in result["rows"]]
+    assert labels[0].startswith("(a)") and labels[-1].startswith("(d)") and len(labels) == 5
+    assert all(math.isfinite(r["loss"]) for r in result["rows"])
+    payload = json.loads(Path(result["json"]).read_text())
+    assert set(payload["reports"]) == {"round", "search", "gptq"} and len(payload["perplexity"]) == 3
+    assert "merge_quantized(method='gptq')" in Path(result["markdown"]).read_text()
