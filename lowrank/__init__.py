@@ -22,13 +22,16 @@ from .adapters import (
     set_adapter,
 )
 from .dora import DoRAAdapter
+from .export import save_merged
+from .gguf_export import save_gguf_adapter
 from .init_export import loftq_report, save_pissa_as_lora
 from .inject import adapter_parameters, adapter_state_dict, eject, inject, merge, summary, unmerge
-from .io import load_adapter, save_adapter, save_merged
+from .io import load_adapter, save_adapter
 from .loading import from_pretrained, load_quantized
 from .lora import LoRALayer, LoRALinear
 from .lora_embedding import LoRAEmbedding
 from .lora_experts import ExpertsAdapter, LoRAExperts
+from .merge_quantized import MergeReport, merge_quantized
 from .nf4 import NF4Tensor
 from .nf4_linear import NF4Linear, quantize
 from .optim import param_groups
@@ -43,6 +46,7 @@ __all__ = [
     "LoRAExperts",
     "LoRALayer",
     "LoRALinear",
+    "MergeReport",
     "NF4Linear",
     "NF4Tensor",
     "__version__",
@@ -60,11 +64,13 @@ __all__ = [
     "loftq_report",
     "lora_layers",
     "merge",
+    "merge_quantized",
     "mixed_batch",
     "nf4",
     "param_groups",
     "quantize",
     "save_adapter",
+    "save_gguf_adapter",
     "save_merged",
     "save_pissa_as_lora",
     "set_adapter",

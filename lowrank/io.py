@@ -172,31 +172,13 @@ def _from_conv1d(module: nn.Module) -> bool:
     return follows_protocol(module) and bool(getattr(module, "from_conv1d", False))
 
 
-def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the merged model's full state dict, with the original (un-adapted, un-quantized) key names.
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The merged model's full state dict (CPU tensors, original key names): what `save_merged` writes.
 
-    Every adapted layer ``<name>`` becomes ``<name>.weight`` = W0 + scale * B @ A (Conv1D: transposed back to its
-    (in, out) layout), summed in float32 (float64 for a float64 base) and rounded once to the base dtype, plus
-    ``<name>.bias``; the ``lora_A`` / ``lora_B`` keys are dropped. NF4 layers, adapted or not, become a dense
-    ``<name>.weight`` of shape (out, in): dequantized (+ the delta) in the layer's ``compute_dtype``, or its original
-    weight dtype when ``compute_dtype`` is None, with the bias in the same dtype. The 4-bit rounding stays in the
-    weights: the file reproduces the quantized model, not the model before quantization. NF4 layers quantized from a
-    Conv1D come out in its (in, out) layout, so the file loads into the original model class. Tensors that
-    share storage (tied embeddings) are written under each key, so ``load_state_dict(..., strict=True)`` works.
-    The model is not modified: a merged model stays merged, an unmerged one unmerged (the result is the same).
-
-    Args:
-        model: any model, with or without adapters and NF4 layers.
-        path: the ``.safetensors`` file to write, or an existing directory (then ``<path>/model.safetensors``).
-
-    Returns:
-        The file written.
+    See `save_merged` for what each layer becomes. Tensors sharing storage (tied weights) are separate copies.
     """
     _check_not_bare_layer(model)
     check_merge_keeps_ties(model)  # a merged export of one side of a tied pair is not a tied model
-    dest = Path(path)
-    if dest.is_dir():
-        dest = dest / MERGED_NAME
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
@@ -223,7 +205,34 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
         state[f"{name}.weight"] = weight
         if bias is not None:  # a dense layer keeps weight and bias in one dtype (NF4: the compute dtype)
             state[f"{name}.bias"] = bias.detach().to(weight.dtype)
-    _files.write_tensors_file(dest, _cpu_tensors(state))
+    return _cpu_tensors(state)
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the merged model's full state dict, with the original (un-adapted, un-quantized) key names.
+
+    Every adapted layer ``<name>`` becomes ``<name>.weight`` = W0 + scale * B @ A (Conv1D: transposed back to its
+    (in, out) layout), summed in float32 (float64 for a float64 base) and rounded once to the base dtype, plus
+    ``<name>.bias``; the ``lora_A`` / ``lora_B`` keys are dropped. NF4 layers, adapted or not, become a dense
+    ``<name>.weight`` of shape (out, in): dequantized (+ the delta) in the layer's ``compute_dtype``, or its original
+    weight dtype when ``compute_dtype`` is None, with the bias in the same dtype. The 4-bit rounding stays in the
+    weights: the file reproduces the quantized model, not the model before quantization. NF4 layers quantized from a
+    Conv1D come out in its (in, out) layout, so the file loads into the original model class. Tensors that
+    share storage (tied embeddings) are written under each key, so ``load_state_dict(..., strict=True)`` works.
+    The model is not modified: a merged model stays merged, an unmerged one unmerged (the result is the same).
+
+    Args:
+        model: any model, with or without adapters and NF4 layers.
+        path: the ``.safetensors`` file to write, or an existing directory (then ``<path>/model.safetensors``).
+
+    Returns:
+        The file written.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        dest = dest / MERGED_NAME
+    state = merged_state_dict(model)
+    _files.write_tensors_file(dest, state)
     return dest
 
 

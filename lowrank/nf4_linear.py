@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import nf4 as _nf4
+from . import nf4_search
 from ._match import find_targets, is_conv1d, is_linear
 from .dispatch import dequantize as _dequantize
 from .dispatch import fused_lora_enabled, nf4_linear, nf4_lora_linear
@@ -35,6 +36,14 @@ _DTYPE_NAMES = {
     torch.float64: "float64",
 }
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+# Quantizers by method name: "round" is bitsandbytes' absmax rounding, "search" the per-block scale search.
+QUANTIZERS = {"round": _nf4.quantize, "search": nf4_search.quantize_search}
+
+
+def _quantizer(method):
+    if method not in QUANTIZERS:
+        raise ValueError(f"method must be one of {sorted(QUANTIZERS)}, got {method!r}")
+    return QUANTIZERS[method]
 
 
 def _check_compute_dtype(compute_dtype) -> None:
@@ -117,11 +126,14 @@ class NF4Linear(nn.Module):
         block_size: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
+        method: str = "round",
     ) -> NF4Linear:
         """Quantize an ``nn.Linear`` (or HF ``Conv1D``, whose (in, out) weight is transposed) into a new layer.
 
         The new layer is on the linear's device; its ``dtype`` is the linear's weight dtype. The linear is not
-        modified. Raises TypeError/ValueError for non-floating or non-finite weights and bad block sizes.
+        modified. ``method``: "round" (max |x| scales, bitsandbytes' bytes) or "search" (per-block scales with the
+        least squared error, ``nf4_search.quantize_search``). Raises TypeError/ValueError for non-floating or
+        non-finite weights, bad block sizes and unknown methods.
         """
         if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise TypeError(f"from_linear expects an nn.Linear or Conv1D, got {type(linear).__name__}")
@@ -130,7 +142,7 @@ class NF4Linear(nn.Module):
         if is_conv1d(linear):
             weight = weight.t()
         out_features, in_features = weight.shape
-        q = _nf4.quantize(weight, block_size, double_quant)  # validates before anything is built
+        q = _quantizer(method)(weight, block_size, double_quant)  # validates before anything is built
         layer = cls(in_features, out_features, False, block_size, double_quant, compute_dtype, weight.dtype,
                     weight.device)  # fmt: skip
         layer.from_conv1d = is_conv1d(linear)
@@ -340,6 +352,7 @@ def quantize(
     block_size: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
+    method: str = "round",
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` (and HF ``Conv1D``) layers of ``model`` by ``NF4Linear``, in place.
 
@@ -355,6 +368,8 @@ def quantize(
         exclude: same forms; wins over ``targets``.
         block_size: NF4 block size, a power of two in 32..4096. double_quant: 8-bit absmax (4.127 bits/weight).
         compute_dtype: the new layers' matmul dtype (None: the input's dtype).
+        method: "round" (bitsandbytes' absmax rounding) or "search" (per-block scale search, lower error, same
+            format; see ``lowrank.nf4_search``).
 
     Returns:
         ``model`` itself.
@@ -366,6 +381,7 @@ def quantize(
     """
     _nf4.check_block_size(block_size)
     _check_compute_dtype(compute_dtype)
+    _quantizer(method)
     found = find_targets(model, targets, exclude)
     todo = []
     for name, module in found:
@@ -394,7 +410,7 @@ def quantize(
     try:
         for name, module in todo:
             try:
-                new = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)
+                new = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype, method)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from e
             new.train(module.training)

@@ -268,7 +268,7 @@ def test_save_merged_of_quantized_conv1d_keeps_conv1d_layout(tmp_path):
     torch.testing.assert_close(restored(x), model(x), **F32_TOL)
 
     lowrank.merge(model)
-    again = load_file(lowrank.save_merged(model, tmp_path))  # a directory: <dir>/model.safetensors
+    again = load_file(lowrank.save_merged(model, tmp_path / "model.safetensors"))
     assert (tmp_path / "model.safetensors").is_file() and all(layer.merged for _, layer in lowrank.lora_layers(model))
     assert all(torch.equal(again[k], merged[k]) for k in merged)  # the merge state does not change the export
 
