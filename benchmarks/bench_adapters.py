@@ -23,9 +23,8 @@ import statistics
 import sys
 from contextlib import nullcontext
 
-import torch
-
 import common
+import torch
 import train_models
 
 R, ALPHA = 8, 16.0

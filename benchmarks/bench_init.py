@@ -8,7 +8,8 @@ PiSSA: every linear layer but the head (30 x 7 = 210 weights), r = 16, alpha = 3
 layer); ``peft`` is ``get_peft_model(LoraConfig(init_lora_weights="pissa" | "pissa_niter_4"))`` on a copy of the
 same model (its time includes wrapping the layers, which is milliseconds next to the SVDs). Providers alternate
 in one process; each time is the median of ``--repeats`` runs. ``max_rel_err``: the largest
-``||residual + s B A - W|| / ||W||`` over the first two decoder layers' 14 weights (float32 SVD, bf16 residual); ``top_r_rel_err``: the largest
+``||residual + s B A - W|| / ||W||`` over the first two decoder layers' 14 weights (float32 SVD, bf16 residual);
+``top_r_rel_err``: the largest
 ``||s B A - best rank-r||/||best rank-r||``, i.e. how far the randomized SVD is from the exact top-r part.
 
 LoftQ: ``lowrank.init_svd.loftq`` (our NF4, block 64, double quantization) per layer, reporting
@@ -114,7 +115,8 @@ def run_loftq(base, iters_list=(1, 5), niter=4) -> list[dict]:
         seconds = time.perf_counter() - t0
         common.progress(f"loftq iters={iters}: {seconds:.1f} s, median ratio {statistics.median(ratios):.4f}")
         row = {"iters": iters, "svd": f"randomized niter={niter}", "layers": len(layers), "seconds": round(seconds, 2),
-               "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}  # fmt: skip
+               "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+               "ratio_max": max(ratios)}  # fmt: skip
         row |= {f"median_{k}": statistics.median(v) for k, v in sorted(per_kind.items())}
         rows.append(row)
     return rows

@@ -51,7 +51,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             report["error"] = text.strip().splitlines()[-1]
             return report
         sass = subprocess.run([str(_BIN / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=False).stdout
-        ops = Counter(m.group(1).split(".")[0] for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)",
+        sass_op = r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]+)"
+        ops = Counter(m.group(1).split(".")[0] for m in re.finditer(sass_op,
                                                                      sass, re.MULTILINE))  # fmt: skip
         report.update({op: ops.get(op, 0) for op in _SASS})
     return report

@@ -79,7 +79,7 @@ def plot_headline(payload: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, ylabel in ((axes[0], "median_s", "median step time (s)"), (axes[1], mem_key, mem_label)):
         bars = ax.bar(range(len(rows)), [r.get(key) or 0 for r in rows], color=colours)
-        for bar, hatch in zip(bars, hatches):
+        for bar, hatch in zip(bars, hatches, strict=False):
             bar.set_hatch(hatch)
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.set_ylabel(ylabel)

@@ -14,9 +14,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 # Shapes of the synthetic Llama: SmolLM2-135M's widths with 6 of its SMOLLM2_LAYERS = 30 layers (``layers`` can be
 # overridden: ``dict(SMOLLM2_SHAPE, layers=SMOLLM2_LAYERS)``), and the tiny `--quick` one.

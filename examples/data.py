@@ -33,10 +33,24 @@ CITIES = (
 ).split()
 # (singular, plural): a few irregular plurals so "singular item" is a rule to learn, not a suffix to strip.
 ITEMS = (
-    ("mug", "mugs"), ("lamp", "lamps"), ("chair", "chairs"), ("kettle", "kettles"), ("notebook", "notebooks"),
-    ("backpack", "backpacks"), ("umbrella", "umbrellas"), ("blanket", "blankets"), ("candle", "candles"),
-    ("teapot", "teapots"), ("box", "boxes"), ("brush", "brushes"), ("knife", "knives"), ("shelf", "shelves"),
-    ("glass", "glasses"), ("battery", "batteries"), ("clock", "clocks"), ("pillow", "pillows"),
+    ("mug", "mugs"),
+    ("lamp", "lamps"),
+    ("chair", "chairs"),
+    ("kettle", "kettles"),
+    ("notebook", "notebooks"),
+    ("backpack", "backpacks"),
+    ("umbrella", "umbrellas"),
+    ("blanket", "blankets"),
+    ("candle", "candles"),
+    ("teapot", "teapots"),
+    ("box", "boxes"),
+    ("brush", "brushes"),
+    ("knife", "knives"),
+    ("shelf", "shelves"),
+    ("glass", "glasses"),
+    ("battery", "batteries"),
+    ("clock", "clocks"),
+    ("pillow", "pillows"),
 )
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 TEMPLATES = (

@@ -95,7 +95,8 @@ def build_model(size: str, qlora: bool, r: int):
 
     h, i, n_layers, heads, kv_heads, vocab = SIZES[size]
     config = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=n_layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")  # fmt: skip
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)  # every rank builds the same model; DDP would broadcast rank 0's anyway, FSDP2 does not
     model = LlamaForCausalLM(config)
     if qlora:

@@ -111,8 +111,9 @@ def _with_pad_token(model, tokenizer):
 def prompt_text(tokenizer, prompt: str) -> str:
     """The text the model sees before its answer: the chat template when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return f"{prompt}\nAnswer: "
 
 
@@ -131,7 +132,7 @@ def encode(tokenizer, record: dict, max_len: int) -> list[tuple[list[int], list[
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if "answer" in record:
         answer = tokenizer(record["answer"], add_special_tokens=False).input_ids + eos
-        prompt = encode_prompt(tokenizer, record["prompt"])[-max(max_len - len(answer), 1):]
+        prompt = encode_prompt(tokenizer, record["prompt"])[-max(max_len - len(answer), 1) :]
         ids = (prompt + answer)[:max_len]
         return [(ids, ([IGNORE] * len(prompt) + answer)[:max_len])]
     ids = tokenizer(record["text"]).input_ids + eos
@@ -217,9 +218,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, bat
         rows = [encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         ids = pad(rows, tokenizer.pad_token_id, left=True).to(device)
         mask = pad([[1] * len(r) for r in rows], 0, left=True).to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers += [a.strip() for a in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
     return answers
 
 
@@ -244,16 +251,19 @@ def evaluate(model, tokenizer, records, *, max_len=128, batch_size=32) -> dict:
         mask = pad([[1] * len(s[0]) for s in chunk], 0).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += (target != IGNORE).sum().item()
     result = {"loss": total / max(count, 1), "exact_match": None, "predictions": None}
     pairs = [r for r in records if "answer" in r]
     if pairs:
-        predictions = generate(model, tokenizer, [r["prompt"] for r in pairs], answer_budget(tokenizer, pairs),
-                               batch_size)
+        predictions = generate(
+            model, tokenizer, [r["prompt"] for r in pairs], answer_budget(tokenizer, pairs), batch_size
+        )
         result["predictions"] = predictions
-        result["exact_match"] = sum(p == r["answer"].strip() for p, r in zip(predictions, pairs)) / len(pairs)
+        hits = sum(p == r["answer"].strip() for p, r in zip(predictions, pairs, strict=True))
+        result["exact_match"] = hits / len(pairs)
     return result
 
 
@@ -298,8 +308,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--show", type=int, default=3, help="held-out examples to print with and without the adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster when other jobs load the cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster when other jobs load the cores)",
+    )
     p.add_argument("--out", default="runs/qlora-demo")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -330,8 +344,17 @@ def main(argv=None) -> dict:
     before = evaluate(model, tokenizer, held_out, max_len=args.max_len)
     times["eval_before_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    losses = train(model, tokenizer, train_set, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   max_len=args.max_len, seed=args.seed, progress=not args.no_progress)
+    losses = train(
+        model,
+        tokenizer,
+        train_set,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_len=args.max_len,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     after = evaluate(model, tokenizer, held_out, max_len=args.max_len)
@@ -356,34 +379,53 @@ def main(argv=None) -> dict:
     ejected = generate(model, tokenizer, prompts, budget)
     lowrank.load_adapter(model, adapter_dir)
     reloaded = generate(model, tokenizer, prompts, budget)
-    for r, a, b in zip(shown, tuned, base):
+    for r, a, b in zip(shown, tuned, base, strict=False):
         print(f"\n{r['prompt']}\n  reference : {r['answer']}\n  adapter   : {a}\n  base model: {b!r}")
-    print(f"\nafter eject the model answers as the base model: {ejected == base}; "
-          f"after load_adapter({adapter_dir}) as the tuned one: {reloaded == tuned}")
+    print(
+        f"\nafter eject the model answers as the base model: {ejected == base}; "
+        f"after load_adapter({adapter_dir}) as the tuned one: {reloaded == tuned}"
+    )
 
     times["total_s"] = time.perf_counter() - t0
     record = {
-        "model": str(args.model or default_model_path()), "method": args.method,
+        "model": str(args.model or default_model_path()),
+        "method": args.method,
         "quantized_while_loading": args.method == "qlora" and quantizes_while_loading(args.model),
         "device": args.device,
-        "dtype": str(dtype).removeprefix("torch."), "targets": TARGETS, "r": RANK, "alpha": ALPHA,
-        "dropout": DROPOUT, "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed,
-        "n_train": len(train_set), "n_held_out": len(held_out),
+        "dtype": str(dtype).removeprefix("torch."),
+        "targets": TARGETS,
+        "r": RANK,
+        "alpha": ALPHA,
+        "dropout": DROPOUT,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "n_train": len(train_set),
+        "n_held_out": len(held_out),
         "trainable_parameters": sum(p.numel() for p in lowrank.adapter_parameters(model)),
         "before": {k: before[k] for k in ("exact_match", "loss")},
         "after": {k: after[k] for k in ("exact_match", "loss")},
-        "predictions_before": before["predictions"], "predictions_after": after["predictions"],
-        "losses": losses, "times": times, "peak_rss_mib": peak_rss_mib(),
+        "predictions_before": before["predictions"],
+        "predictions_after": after["predictions"],
+        "losses": losses,
+        "times": times,
+        "peak_rss_mib": peak_rss_mib(),
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
-        "examples": [{"prompt": r["prompt"], "reference": r["answer"], "adapter": a, "base": b, "ejected": e,
-                      "reloaded": lo} for r, a, b, e, lo in zip(shown, tuned, base, ejected, reloaded)],
-        "eject_restores_base": ejected == base, "reload_restores_tuned": reloaded == tuned,
+        "examples": [
+            {"prompt": r["prompt"], "reference": r["answer"], "adapter": a, "base": b, "ejected": e, "reloaded": lo}
+            for r, a, b, e, lo in zip(shown, tuned, base, ejected, reloaded, strict=False)
+        ],
+        "eject_restores_base": ejected == base,
+        "reload_restores_tuned": reloaded == tuned,
     }
     (out / "run.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     plotted = plot_losses(losses, out / "loss.png")
-    print(f"wrote {out / 'run.json'}{', ' + str(out / 'loss.png') if plotted else ''} and {adapter_dir}/ "
-          f"in {times['total_s']:.0f} s (peak RSS {record['peak_rss_mib']:.0f} MiB)")
+    print(
+        f"wrote {out / 'run.json'}{', ' + str(out / 'loss.png') if plotted else ''} and {adapter_dir}/ "
+        f"in {times['total_s']:.0f} s (peak RSS {record['peak_rss_mib']:.0f} MiB)"
+    )
     if not math.isfinite(losses[-1]):
         raise RuntimeError("training diverged (non-finite loss)")
     return record

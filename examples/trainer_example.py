@@ -36,8 +36,11 @@ def build_dataset(tokenizer, text: str, block_size: int) -> list[dict]:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}")
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     return [
-        {"input_ids": torch.tensor(b), "attention_mask": torch.ones(len(b), dtype=torch.long),
-         "labels": torch.tensor(b)}
+        {
+            "input_ids": torch.tensor(b),
+            "attention_mask": torch.ones(len(b), dtype=torch.long),
+            "labels": torch.tensor(b),
+        }
         for b in blocks
     ]
 
@@ -100,8 +103,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_model(args.model, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
-                                  quantize=args.method == "qlora")  # NF4 while loading for a safetensors folder
+    model, tokenizer = load_model(
+        args.model,
+        "cuda" if cuda else "cpu",
+        torch.bfloat16 if cuda else torch.float32,
+        quantize=args.method == "qlora",
+    )  # NF4 while loading for a safetensors folder
     lowrank.inject(model, TARGETS, r=RANK, alpha=ALPHA, dropout=DROPOUT)  # in place of peft.get_peft_model
     print(lowrank.summary(model))
     dataset = build_dataset(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.block_size)
@@ -143,8 +150,14 @@ def main(argv=None) -> dict:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     print(f"adapter written to {Path(args.out) / 'adapter'}")
     optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
-    return {"losses": losses, "adapter": str(Path(args.out) / "adapter"), "generated": generated,
-            "generated_base": generated_base, "optimized_parameters": optimized, "model": model}
+    return {
+        "losses": losses,
+        "adapter": str(Path(args.out) / "adapter"),
+        "generated": generated,
+        "generated_base": generated_base,
+        "optimized_parameters": optimized,
+        "model": model,
+    }
 
 
 if __name__ == "__main__":

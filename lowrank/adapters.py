@@ -209,7 +209,9 @@ class MixedBatch:
             r_max = max((layer.adapters[n].r for n in used), default=1)
             pad = offsets[-1]  # the zero row
             index = [
-                [offsets[k] + j if j < layer.adapters[used[k]].r else pad for j in range(r_max)] if k >= 0 else [pad] * r_max
+                [offsets[k] + j if j < layer.adapters[used[k]].r else pad for j in range(r_max)]
+                if k >= 0
+                else [pad] * r_max
                 for k in rows
             ]
             row_scale = [layer.adapters[n].scale if n in used else 0.0 for n in self.names]

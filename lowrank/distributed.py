@@ -17,7 +17,8 @@ join: a hang). The context manager all-gathers the adapters alone (a LoRA model'
 bytes; the 4-bit base stays sharded) and puts them on the layers as plain tensors for the duration of the block.
 Under DDP, or in one process, adapters are plain tensors already and the context manager does nothing.
 
-Only the adapters' parameters (``lora_A``, ``lora_B``, ...) of LoRA layers are touched; FSDP2's own parameter objects are put back on
+Only the adapters' parameters (``lora_A``, ``lora_B``, ...) of LoRA layers are touched; FSDP2's own parameter
+objects are put back on
 exit, so training continues exactly as before. Do not run forward or backward inside the block.
 """
 

@@ -199,10 +199,12 @@ def check_layer(kind: str, layer_name: str, layer, adapter) -> None:
     view = layer.view
     if len(layer.adapters):
         raise ValueError(f"{where}: init={kind!r} changes the base, but the layer already has adapters "
-                         f"{list(layer.adapters)} that were trained on it; use it on a layer's first adapter")  # fmt: skip
+                         f"{list(layer.adapters)} that were trained on it; use it on a layer's first "
+                         "adapter")  # fmt: skip
     if getattr(layer, "_svd_init", None) is not None:
         raise ValueError(f"{where}: its base was already changed by {layer._svd_init['kind']!r} for adapter "
-                         f"{layer._svd_init['adapter']!r}; a second base-changing init would not be undoable")  # fmt: skip
+                         f"{layer._svd_init['adapter']!r}; a second base-changing init would not be "
+                         "undoable")  # fmt: skip
     if view.quantized:
         hint = "LoftQ quantizes the float weights itself: inject into the unquantized model" if kind == "loftq" else (
             "PiSSA needs the dense weight: use init='loftq' on the float model for an NF4 base")  # fmt: skip

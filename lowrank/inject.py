@@ -250,7 +250,8 @@ def eject(model: nn.Module) -> nn.Module:
 
     The result's ``state_dict()`` is bit-identical to the model's before `inject`, however long the adapters
     were trained (LoftQ, which quantized the base: the weights are ``deq(Q) + s B0 A0``, within the reported
-    LoftQ error of the originals, see ``lowrank.init_svd.loftq_layer``). Parameters that `inject` froze stay frozen (``model.requires_grad_(True)`` to train them again).
+    LoftQ error of the originals, see ``lowrank.init_svd.loftq_layer``). Parameters that `inject` froze stay
+    frozen (``model.requires_grad_(True)`` to train them again).
     If ``model`` itself is a LoRA layer, its base is returned instead (a module cannot replace itself).
     """
     if isinstance(model, LoRALayer):

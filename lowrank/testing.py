@@ -122,7 +122,7 @@ class _DenseReparam(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w0
-        for a, b, scale in zip(self.lora_A, self.lora_B, self.scales):
+        for a, b, scale in zip(self.lora_A, self.lora_B, self.scales, strict=False):
             w = w + scale * (b @ a)  # (out, r) @ (r, in)
         return F.linear(x, w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
 
@@ -278,7 +278,7 @@ def compare_with_dense(
         for n in m.active_adapters()
     ]
     params = [p for _, a in entries for p in (a.lora_A, a.lora_B)]
-    ref_params = [p for m in ref_layers for pair in zip(m.lora_A, m.lora_B) for p in pair]
+    ref_params = [p for m in ref_layers for pair in zip(m.lora_A, m.lora_B, strict=False) for p in pair]
     grads = torch.autograd.grad(loss_fn(out), params, allow_unused=True)
     ref_grads = torch.autograd.grad(loss_fn(ref_out), ref_params, allow_unused=True)
     for i, (label, _) in enumerate(entries):

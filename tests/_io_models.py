@@ -10,9 +10,9 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _helpers import randomize_adapters
 
 import lowrank
-from _helpers import randomize_adapters
 
 TARGETS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
 # float32 forward vs the float64 reference through 5 layers of width <= 20 with |activations| ~ 1: rounding is a

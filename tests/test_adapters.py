@@ -178,13 +178,13 @@ def test_mixed_batch_forward_and_gradients_equal_per_row_runs():
             lowrank.set_adapter(model, name)
             row = model(input_ids=ids[i : i + 1]).logits
             (row * probe[i : i + 1]).sum().backward()
-            for g, p in zip(expected_grads[name], lowrank.adapter_parameters(model, name)):
+            for g, p in zip(expected_grads[name], lowrank.adapter_parameters(model, name), strict=False):
                 g += p.grad
                 p.grad = None
         # float64, logits ~1: the batched path sums in another order (all adapters' rank columns, zeros included).
         torch.testing.assert_close(logits[i : i + 1], row, rtol=0, atol=1e-12)
     for name in mixed_grads:
-        for got, want in zip(mixed_grads[name], expected_grads[name]):
+        for got, want in zip(mixed_grads[name], expected_grads[name], strict=False):
             # Normwise, float64: summation order apart (elementwise ratios explode where an entry is near zero).
             assert (got - want).abs().max() <= 1e-12 * want.abs().max()
         assert any(g.abs().max() > 1e-3 for g in mixed_grads[name])  # every adapter really got gradient
@@ -276,7 +276,10 @@ def test_save_layouts_and_folder_clash(tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "b", "c"]  # fmt: skip
     lowrank.save_adapter(model, tmp_path / "only_b", "b")  # one adapter: at the path itself
-    assert sorted(p.name for p in (tmp_path / "only_b").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "only_b").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     fresh = toy()
     for name, folder in (("default", "all"), ("b", "all/b"), ("c", "all/c")):
         lowrank.load_adapter(fresh, tmp_path / folder, adapter_name=name)

@@ -41,6 +41,7 @@ def base():
 def x():
     return torch.randn(3, 12)
 
+
 # ---------------------------------------------------------------------------------------------- save and load
 
 
@@ -365,7 +366,6 @@ def test_load_into_nf4_model(tmp_path, base, x):
     lowrank.save_adapter(loaded, tmp_path / "again")
     other = lowrank.load_adapter(lowrank.quantize(copy.deepcopy(base)), tmp_path / "again")
     assert torch.equal(other(x), loaded(x))
-
 
 
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16, torch.float64])

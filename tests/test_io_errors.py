@@ -84,7 +84,9 @@ BAD_INPUTS = {
     "json-list": (write("adapter_config.json", b"[1, 2]"), ValueError, "must hold a JSON object, got list"),
     "peft-type": (edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'; lowrank loads only LoRA"),
     "no-peft-type": (edit_config(peft_type=DELETE), ValueError, "peft_type is None"),
-    "dora": (edit_config(use_dora=True), ValueError, "lacks a lora_magnitude_vector tensor but the config says use_dora=true"),
+    "dora": (
+        edit_config(use_dora=True), ValueError, "lacks a lora_magnitude_vector tensor but the config says use_dora=true"
+    ),
     "lora-bias": (edit_config(lora_bias=True), ValueError, "does not support: {'lora_bias': True}"),
     "bias-all": (edit_config(bias="all"), ValueError, "does not support: {'bias': 'all'}"),
     "modules-to-save": (edit_config(modules_to_save=["head"]), ValueError, "'modules_to_save': ['head']"),

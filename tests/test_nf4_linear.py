@@ -133,7 +133,7 @@ def test_state_dict_round_trip_with_bitsandbytes_keys(double_quant):
     fresh = NF4Linear(70, 9, block_size=32, double_quant=double_quant)
     fresh.load_state_dict(sd)
     assert fresh.dtype == torch.bfloat16  # taken from the quant_state
-    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), layer.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), layer.parameters(), strict=False))
     x = torch.randn(2, 70, dtype=torch.bfloat16)
     assert torch.equal(fresh(x), layer(x))
 
@@ -175,7 +175,7 @@ def test_load_rejects_mismatches_and_leaves_the_layer_unchanged(change, match):
     before = [p.clone() for p in target.parameters()]
     with pytest.raises(RuntimeError, match=match):
         target.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters(), strict=False))
 
 
 def test_load_rejects_other_double_quant_setting():
@@ -328,10 +328,10 @@ def test_qlora_outputs_and_adapter_gradients_match_dense_lora_float64():
 def test_qlora_training_steps_match_dense_lora():
     q, d = _qlora_pair()
     opts = [torch.optim.AdamW([m.lora_A, m.lora_B], lr=1e-2) for m in (q, d)]
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(8, 48, dtype=torch.float64)
         target = torch.randn(8, 20, dtype=torch.float64)
-        for model, opt in zip((q, d), opts):
+        for model, opt in zip((q, d), opts, strict=False):
             opt.zero_grad()
             F.mse_loss(model(x), target).backward()
             opt.step()

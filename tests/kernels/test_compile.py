@@ -93,7 +93,8 @@ def test_op_registration_passes_opcheck():
                           (x, q.packed, q.absmax_q, q.absmax2, q.offset, 40, 64, 32, torch.float32, True))  # fmt: skip
     p = nf4.quantize(torch.randn(40, 64), 64, False)
     torch.library.opcheck(torch.ops.lowrank.nf4_matmul.default,
-                          (torch.randn(3, 40), p.packed, p.absmax, None, None, 40, 64, 64, torch.float32, False))  # fmt: skip
+                          (torch.randn(3, 40), p.packed, p.absmax, None, None, 40, 64, 64, torch.float32,
+                           False))  # fmt: skip
 
 
 class _CudaLike:
