@@ -184,6 +184,9 @@ def main(argv=None):
     notes = [
         f"Adapter: {adapter_dir}. Held-out: {args.n_held_out} examples (loss per answer token, greedy exact match); "
         f"gptq calibration: {sum(b['input_ids'].shape[0] for b in calib)} training sequences.",
+        "seconds: the merge_quantized call, including the calibration forward passes (every method gets the batches, "
+        "for the output_error column; only gptq uses them to quantize). The adapter was trained by this script with "
+        "the demo's settings when none was found (see the --adapter / --steps arguments).",
         f"Goal (best method's loss gap to (a) at most half of round's): {'met' if goal else 'NOT met'} "
         f"(round gap {round_gap:+.5f}, {best['model']} gap {best['gap']:+.5f}).",
         "",

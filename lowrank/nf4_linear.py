@@ -368,8 +368,8 @@ def quantize(
         exclude: same forms; wins over ``targets``.
         block_size: NF4 block size, a power of two in 32..4096. double_quant: 8-bit absmax (4.127 bits/weight).
         compute_dtype: the new layers' matmul dtype (None: the input's dtype).
-        method: "round" (bitsandbytes' absmax rounding) or "search" (per-block scale search, lower error, same
-            format; see ``lowrank.nf4_search``).
+        method: "round" (bitsandbytes' absmax rounding) or "search" (per-block scale search: lower weight
+            error, same format, but a higher perplexity on SmolLM2-135M, 26.67 vs 25.25; see ``lowrank.nf4_search``).
 
     Returns:
         ``model`` itself.

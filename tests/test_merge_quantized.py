@@ -200,7 +200,7 @@ def test_gptq_merge_keeps_the_function_better_than_round():
 
 
 def test_default_method():
-    assert lowrank.merge_quantized(_qlora()).method == "search"
+    assert lowrank.merge_quantized(_qlora()).method == "round"
     assert lowrank.merge_quantized(_qlora(), calibration=_calib(2)).method == "gptq"
 
 
