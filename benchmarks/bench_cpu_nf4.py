@@ -156,8 +156,11 @@ def _models(shape: dict, kinds: list[str]) -> dict:
 def _generate(model, ids, attention, new_tokens: int):
     def run():
         with torch.no_grad():
+            # use_cache: the models are built for training (config.use_cache False); without the KV cache every
+            # step would recompute the whole sequence (what the 2026-12-01 results measured by mistake).
             return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                  use_cache=True)  # fmt: skip
 
     return run
 

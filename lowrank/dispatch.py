@@ -191,7 +191,11 @@ def _nf4_matmul(
     transpose: bool,
 ) -> torch.Tensor:
     """``x @ W^T`` (transpose: x (M, k) -> (M, n)) or ``x @ W`` (x (M, n) -> (M, k)), W (n, k) in NF4."""
-    weight = _rebuild(packed, absmax, absmax2, offset, n, k, block_size, weight_dtype)
+    return _matmul(x, _rebuild(packed, absmax, absmax2, offset, n, k, block_size, weight_dtype), transpose)
+
+
+def _matmul(x: torch.Tensor, weight: NF4Tensor, transpose: bool) -> torch.Tensor:
+    """The body of ``lowrank::nf4_matmul``: the Triton kernels for CUDA tensors, else ``_matmul_dequant``."""
     if _use_triton(x):
         matmul = _kernels()[1]
         return matmul.matmul(x, weight) if transpose else matmul.matmul_grad_x(x, weight)
@@ -259,6 +263,12 @@ def _op_args(x: torch.Tensor, weight: NF4Tensor, name: str) -> tuple[torch.Tenso
     return x.reshape(-1, k), args
 
 
+def _needs_op(x: torch.Tensor) -> bool:
+    """Whether a call must go through the registered op: autograd will need its backward (x requires a gradient
+    in grad mode), or torch.compile is tracing (it must see the op). Otherwise the op's body is called directly."""
+    return (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+
+
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x W^T + b``, W = ``weight`` dequantized (16-bit original dtype first, then ``x.dtype``).
 
@@ -273,7 +283,10 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
         ValueError: shapes that do not match, or x and the weight on different devices.
     """
     x2d, args = _op_args(x, weight, "nf4_linear")  # (M, in)
-    y = _nf4_matmul(x2d, *args, True)
+    if _needs_op(x2d):
+        y = _nf4_matmul(x2d, *args, True)
+    else:  # the op's body without its dispatch: 50 us less a call (403 vs 350 us, 192x576, one row, 2-core CPU)
+        y = _matmul(x2d, weight, True)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])  # (M, in) @ (in, out) -> (..., out)

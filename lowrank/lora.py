@@ -265,7 +265,7 @@ class LoRALinear(LoRALayer):
                 return fused
         result = base_out = self.base(x)
         for n in names:
-            result = result + self.adapters[n](x, self.view, base_out).to(result.dtype)
+            result = self.adapters[n].add_to(result, x, self.view, base_out)
         return result
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -296,17 +296,16 @@ class LoRALinear(LoRALayer):
         """The one-pass route (base matmul and ``x A^T`` together, inference only) when the base offers it: a
         plain adapter, dropout inactive, no gradient needed. Same casts, scale and output dtype as the unfused
         forward (bit for bit on the CPU reference path)."""
-        if not adapter.mixable or (adapter.dropout_p > 0 and self.training):
-            return None
+        if not adapter.mixable or (adapter.dropout_p > 0 and self.training) or adapter.wide_update(x):
+            return None  # wide_update: the small-row float32 update is already the faster route on the CPU
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, adapter.lora_A, adapter.lora_B, self.bias)):  # fmt: skip
             return None
-        a, b = adapter.lora_A.to(x.dtype), adapter.lora_B.to(x.dtype)
-        out = self.view.fused_lora_forward(x, a)
+        out = self.view.fused_lora_forward(x, adapter.lora_A)  # A is used in x.dtype there
         if out is None:
             return None
         result, xa = out  # (..., out) in x.dtype, (..., r) wide
-        return result + F.linear(xa.to(x.dtype) * adapter.scale, b).to(result.dtype)
+        return result + F.linear(xa.to(x.dtype) * adapter.scale, adapter.lora_B.to(x.dtype)).to(result.dtype)
 
 
 # --- state-dict naming ----------------------------------------------------------------------------------------

@@ -68,11 +68,16 @@ def _reference(model, x, detach_norm=True):
     return y if layer.bias is None else y + layer.bias.double()
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "nf4"])
-def test_forward_and_gradients_match_the_dense_reference(kind):
-    model = _randomize(lowrank.inject(_base(kind), ["0"], r=4, alpha=8, dora=True))
+@pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True), ("nf4", True),
+                                       ("nf4", False)])  # fmt: skip
+def test_forward_and_gradients_match_the_dense_reference(kind, bias, monkeypatch):
+    model = _randomize(lowrank.inject(_base(kind, bias=bias), ["0"], r=4, alpha=8, dora=True))
     x = torch.randn(5, 3, 24)
+    general = []  # calls of the general form (base_out + term); without a bias the layer takes add_to's one pass
+    real = lowrank.dora.DoRAAdapter.forward
+    monkeypatch.setattr(lowrank.dora.DoRAAdapter, "forward", lambda *a, **k: general.append(1) or real(*a, **k))
     y = model(x)
+    assert len(general) == (1 if bias else 0)
     ref = _reference(model, x)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # float32 matmuls over 24 terms
     with lowrank.disabled(model):
@@ -105,8 +110,9 @@ def test_output_unchanged_at_init_and_magnitude_is_the_row_norm():
     (torch.float16, 4e-3),   # fp16: 2^-11 relative per rounding
 ])  # fmt: skip
 @pytest.mark.parametrize("kind", ["linear", "nf4"])
-def test_half_precision_bases(dtype, tol, kind):
-    model = _randomize(lowrank.inject(_base(kind, dtype), ["0"], r=4, alpha=8, dora=True))
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_precision_bases(dtype, tol, kind, bias):
+    model = _randomize(lowrank.inject(_base(kind, dtype, bias=bias), ["0"], r=4, alpha=8, dora=True))
     x = torch.randn(6, 24).to(dtype)
     y = model(x)
     assert y.dtype == dtype

@@ -390,3 +390,31 @@ def test_nf4_merge_sums_in_the_compute_dtype_when_it_is_wider():
     layer.merge()
     assert layer._merged_weight.dtype == torch.float64
     torch.testing.assert_close(layer._merged_weight, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,wide", [(1, True), (32, True), (33, False), (300, False)])
+def test_small_row_update_is_float32_rounded_once(dtype, rows, wide):
+    # At most SMALL_ROWS rows of a 16-bit CPU input: the update is computed in float32 from the exact x, A, B and
+    # rounded once, so nearly every element equals the float64 update rounded to the dtype (float32 sums over
+    # K = 200 can flip a rounding tie rarely: at most 1 % of elements, each by one ulp). The 16-bit route rounds
+    # A, B and x A^T first; the test checks both the route choice and, on the wide route, the accuracy.
+    from lowrank.adapter import SMALL_ROWS, LoRAAdapter
+
+    assert (rows <= SMALL_ROWS) == wide
+    torch.manual_seed(rows)
+    adapter = LoRAAdapter(200, 150, r=8, alpha=16.0)
+    nn.init.normal_(adapter.lora_B, std=0.5)
+    x = (torch.randn(rows, 200) + 0.3).to(dtype)
+    assert adapter.wide_update(x) == wide
+    got = adapter.update(x)
+    assert got.dtype == dtype and got.shape == (rows, 150)
+    exact = adapter.scale * (x.double() @ adapter.lora_A.double().T) @ adapter.lora_B.double().T
+    rounded = exact.to(dtype)
+    if wide:
+        # one ulp, plus float32 summation slack where cancellation makes an element tiny
+        bound = torch.finfo(dtype).eps * exact.abs() + 1e-6 * exact.abs().max()
+        assert ((got.double() - exact).abs() <= bound).all()
+        assert (got != rounded).float().mean().item() <= 0.01
+    else:  # the 16-bit route: within its own bound (test_forward_per_dtype), not correctly rounded
+        assert normwise(got.double(), exact) < 8 * torch.finfo(dtype).eps

@@ -68,6 +68,26 @@ def test_layer_forward_and_backward_take_the_cpu_path_and_equal_the_reference(mo
     assert torch.equal(results["0"][0], results["1"][0]) and torch.equal(results["0"][1], results["1"][1])
 
 
+def test_calls_that_need_no_gradient_skip_the_op_dispatch_and_give_the_same_bits(monkeypatch):
+    # nf4_linear calls the op's body directly when autograd will not need the backward (and no compile traces);
+    # the registered op must still serve calls that need a gradient.
+    q = _weight(40, 96, torch.bfloat16)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    via_op = dispatch._nf4_matmul(x, *dispatch._op_args(x, q, "t")[1], True)
+    calls = []
+    real = dispatch._nf4_matmul
+    monkeypatch.setattr(dispatch, "_nf4_matmul", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        assert torch.equal(dispatch.nf4_linear(x, q), via_op)
+    assert torch.equal(dispatch.nf4_linear(x, q), via_op)  # grad mode on, but x needs no gradient
+    assert calls == []
+    xg = x.clone().requires_grad_()
+    y = dispatch.nf4_linear(xg, q)
+    assert calls == [1] and torch.equal(y.detach(), via_op)
+    y.float().sum().backward()
+    assert torch.equal(xg.grad, _reference(torch.ones(3, 40, dtype=torch.bfloat16), q, False))
+
+
 def test_the_reference_serves_what_the_cpu_path_does_not():
     odd = _weight(5, 13, block=32)  # 65 elements: a partial last block and a padding nibble
     assert not nf4_cpu.supports(odd, torch.float32)
