@@ -192,6 +192,32 @@ def decode(shape: dict, args) -> list[dict]:
     return rows
 
 
+def profile(shape: dict, args) -> list[dict]:
+    """Where a decode token's time goes: torch.profiler self CPU time per op of one batch-1 ``generate`` (after a
+    warm-up call), for lowrank QLoRA and PEFT + bitsandbytes; the ops above 1 % of each provider's total."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    models = _models(shape, ["lowrank", "peft+bnb"])
+    ids = torch.randint(0, shape["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
+    rows = []
+    for name, model in models.items():
+        run = _generate(model, ids, torch.ones_like(ids), args.new_tokens)
+        run()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total):
+            if e.self_cpu_time_total < 0.01 * total:
+                break
+            rows.append({"provider": name, "op": e.key, "calls_per_token": e.count / args.new_tokens,
+                         "ms_per_token": e.self_cpu_time_total / 1e3 / args.new_tokens,
+                         "share": e.self_cpu_time_total / total})  # fmt: skip
+        common.progress(f"profile {name}: {total / 1e3 / args.new_tokens:.1f} ms of self CPU time per token")
+    return rows
+
+
 def train(shape: dict, args) -> list[dict]:
     keys = {"lowrank": ("qlora_all", "lowrank"), "peft+bnb": ("qlora_all", "peft+bnb"),
             "lowrank lora": ("lora_all", "lowrank")}  # fmt: skip
@@ -220,7 +246,8 @@ def train(shape: dict, args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and model, 1 repeat: checks the code path")
-    p.add_argument("--parts", nargs="+", default=["micro", "decode", "train"], choices=["micro", "decode", "train"])
+    p.add_argument("--parts", nargs="+", default=["micro", "decode", "train"],
+                   choices=["micro", "decode", "train", "profile"], help="profile: writes cpu_nf4_profile.md")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 32, quick 4)")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4])
@@ -257,6 +284,16 @@ def main(argv=None) -> dict:
         rows += decode(shape, args)
     if "train" in args.parts:
         rows += train(shape, args)
+    paths = {}
+    if "profile" in args.parts:
+        prof = profile(shape, args)
+        paths["profile"] = common.write_results(
+            "cpu_nf4_profile", prof, ["provider", "op", "calls_per_token", "ms_per_token", "share"],
+            "NF4 on CPU: where a decode token's time goes (batch 1)", env=env, out_dir=args.out,
+            notes=f"torch.profiler self CPU time of one greedy generate call ({args.new_tokens} new tokens, KV cache) "
+                  "after a warm-up call; ops above 1 % of the provider's total.")  # fmt: skip
+        if not rows:
+            return paths
     env["load_after"] = _load()
     notes = (
         f"Model: {shape['model']} Llama, {shape['layers']} layers, bf16, NF4 block 64 + double quantization, LoRA "
@@ -268,7 +305,7 @@ def main(argv=None) -> dict:
     )
     json_path, md_path = common.write_results("cpu_nf4", rows, COLUMNS, "NF4 on CPU: lowrank vs bitsandbytes",
                                               env=env, notes=notes, out_dir=args.out)  # fmt: skip
-    paths = {"json": json_path, "markdown": md_path, "rows": rows}
+    paths.update({"json": json_path, "markdown": md_path, "rows": rows})
     if train_models.have("matplotlib"):
         paths["plot"] = plot(rows, args.out / "cpu_nf4.png")
     common.progress(f"wrote {json_path}, {md_path}")

@@ -28,3 +28,13 @@ def test_quick_run_writes_every_part(tmp_path):
     )
     assert all(r["median_ms" if r["part"] in ("dequantize", "matmul") else "median_s"] > 0 for r in rows)
     assert Path(out["plot"]).stat().st_size > 0
+
+
+def test_quick_profile_part(tmp_path):
+    out = bench_cpu_nf4.main(["--quick", "--out", str(tmp_path), "--parts", "profile"])
+    rows = json.loads(Path(out["profile"][0]).read_text())["rows"]
+    for provider in ("lowrank", "peft+bnb"):
+        mine = [r for r in rows if r["provider"] == provider]
+        assert mine and all(0.01 <= r["share"] <= 1 for r in mine)
+        assert sum(r["share"] for r in mine) <= 1 + 1e-9  # shares of one total
+    assert not (tmp_path / "cpu_nf4.json").exists()  # only the profile was asked for
