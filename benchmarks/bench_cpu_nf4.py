@@ -246,8 +246,13 @@ def train(shape: dict, args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and model, 1 repeat: checks the code path")
-    p.add_argument("--parts", nargs="+", default=["micro", "decode", "train"],
-                   choices=["micro", "decode", "train", "profile"], help="profile: writes cpu_nf4_profile.md")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["micro", "decode", "train"],
+        choices=["micro", "decode", "train", "profile"],
+        help="profile: writes cpu_nf4_profile.md",
+    )
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 32, quick 4)")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4])
