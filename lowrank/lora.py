@@ -153,13 +153,7 @@ class LoRALayer(nn.Module):
             return
         if self.mixed is not None:
             raise RuntimeError("cannot merge while lowrank.mixed_batch is active (each row has its own adapter)")
-        merged = self.merged_weight()  # (out, in)
-        if self.view.quantized:
-            self._merged_weight = merged
-        else:
-            self.__dict__["_original_weight"] = self.base.weight
-            merged = merged.T.contiguous() if self.fan_in_fan_out else merged  # stored (in, out)
-            self.base.weight = nn.Parameter(merged, requires_grad=False)
+        self._fold()
         self.merged_adapters = tuple(self.active_adapters())
         self.merged = True
 
@@ -168,12 +162,25 @@ class LoRALayer(nn.Module):
         """Undo `merge` exactly (the original weight was kept). Idempotent."""
         if not self.merged:
             return
+        self._unfold()
+        self.merged, self.merged_adapters = False, ()
+
+    def _fold(self) -> None:
+        """`merge`'s change to the layer (a layer kind with other weights overrides this and `_unfold`)."""
+        merged = self.merged_weight()  # (out, in)
+        if self.view.quantized:
+            self._merged_weight = merged
+        else:
+            self.__dict__["_original_weight"] = self.base.weight
+            merged = merged.T.contiguous() if self.fan_in_fan_out else merged  # stored (in, out)
+            self.base.weight = nn.Parameter(merged, requires_grad=False)
+
+    def _unfold(self) -> None:
         if self.view.quantized:
             self._merged_weight = None
         else:
             self.base.weight = self._original_weight  # it followed any .to() since merge: see `_apply`
             self.__dict__["_original_weight"] = None
-        self.merged, self.merged_adapters = False, ()
 
     def _check_merged_forward(self) -> None:
         params = [p for n in self.merged_adapters for p in self.adapters[n].parameters()]

@@ -168,29 +168,17 @@ class LoRAExperts(LoRALayer):
             out[p] = w.to(w0.dtype)
         return out
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Swap each adapted weight for ``W + delta`` (the original Parameter is kept aside). Idempotent."""
-        if self.merged or not self.active_adapters():
-            return
-        if self.mixed is not None:
-            raise RuntimeError("cannot merge while lowrank.mixed_batch is active")
-        merged = self.merged_params()
-        for p, w in merged.items():
+    def _fold(self) -> None:
+        """`merge`: swap each adapted weight for ``W + delta`` (the original Parameter is kept aside)."""
+        for p, w in self.merged_params().items():
             self._original_params[p] = getattr(self.base, p)
             setattr(self.base, p, nn.Parameter(w, requires_grad=False))
-        self.merged_adapters = tuple(self.active_adapters())
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put the original Parameters back (exact). Idempotent."""
-        if not self.merged:
-            return
+    def _unfold(self) -> None:
+        """`unmerge`: put the original Parameters back (exact)."""
         for p, w in self._original_params.items():
             setattr(self.base, p, w)
         self._original_params.clear()
-        self.merged, self.merged_adapters = False, ()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
