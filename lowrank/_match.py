@@ -33,7 +33,7 @@ def layer_kind(module: nn.Module) -> type[LoRALayer] | None:
     return next((kind for kind in LAYER_KINDS if kind.accepts(module)), None)
 
 
-def _outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules()`` without the modules inside a LoRA layer (the layer stands for its base)."""
     wrapped: tuple[str, ...] = ()
     for name, module in model.named_modules():
@@ -51,7 +51,7 @@ def _names_entry(name: str, entry: str) -> bool:
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers of ``model`` (layers inside a LoRA wrapper count as the wrapper)."""
-    return [name for name, module in _outer_modules(model) if isinstance(module, LoRALinear) or is_linear(module)]
+    return [name for name, module in outer_modules(model) if isinstance(module, LoRALinear) or is_linear(module)]
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -103,7 +103,7 @@ def find_targets(model: nn.Module, targets, exclude=None) -> list[tuple[str, nn.
     exclude_fn = _matcher(exclude, "exclude") if exclude is not None else (lambda name, module: False)
     found = [
         (name, module)
-        for name, module in _outer_modules(model)
+        for name, module in outer_modules(model)
         if name and target_fn(name, module) and not exclude_fn(name, module)
     ]
 

@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._match import outer_modules
 from .adapter import _ORDER, check_hyperparameters, lora_scale
 from .base import BaseView
 from .lora import LoRALayer
@@ -264,15 +265,8 @@ def find_parameters(model: nn.Module, target_parameters) -> dict[str, list[str]]
 
 def _parameter_holders(model: nn.Module):
     """(name, module whose own parameters count under that name): a LoRA layer stands for its base."""
-    inside: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        if isinstance(module, LoRALayer):
-            inside += (name + ".",)
-            yield name, module.base
-        else:
-            yield name, module
+    for name, module in outer_modules(model):
+        yield name, module.base if isinstance(module, LoRALayer) else module
 
 
 def plan_experts(model: nn.Module, target_parameters, *, r: int, alpha: float, dropout: float, rslora: bool,
