@@ -3,7 +3,9 @@
 Run: .venv/bin/python scripts/peft_moe_probe.py
 """
 
+import sys
 import warnings
+from pathlib import Path
 
 import peft
 import torch
@@ -11,51 +13,16 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _moe_models import FAMILIES, tiny_moe  # noqa: E402  (the tests' tiny models of the four families)
+
 warnings.filterwarnings("ignore")
 
 
-def tiny(family):
-    common = {
-        "vocab_size": 64,
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    }
-    if family == "mixtral":
-        cfg = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
-        return transformers.MixtralForCausalLM(cfg)
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(
-            **common,
-            moe_intermediate_size=24,
-            intermediate_size=24,
-            num_experts=4,
-            num_experts_per_tok=2,
-            head_dim=8,
-            decoder_sparse_step=1,
-        )
-        return transformers.Qwen3MoeForCausalLM(cfg)
-    if family == "olmoe":
-        cfg = transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=4, num_experts_per_tok=2)
-        return transformers.OlmoeForCausalLM(cfg)
-    if family == "gpt_oss":
-        cfg = transformers.GptOssConfig(
-            **common,
-            intermediate_size=24,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            head_dim=8,
-            layer_types=["full_attention"],
-        )
-        return transformers.GptOssForCausalLM(cfg)
-    raise ValueError(family)
-
-
 print("peft", peft.__version__, "transformers", transformers.__version__, "torch", torch.__version__)
-for family in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]:
+for family in FAMILIES:
     torch.manual_seed(0)
-    model = tiny(family)
+    model = tiny_moe(family)
     experts = next((n, m) for n, m in model.named_modules() if n.endswith("experts"))
     print(
         f"\n== {family}: experts module {experts[0]} ({type(experts[1]).__name__}), attrs",
@@ -66,7 +33,7 @@ for family in ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"]:
     print("   impl:", model.config._experts_implementation)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     print("   nn.Linear modules:", linear)
-    pm = get_peft_model(tiny(family), LoraConfig(r=2, target_modules="all-linear"))
+    pm = get_peft_model(tiny_moe(family), LoraConfig(r=2, target_modules="all-linear"))
     print("   all-linear adapts:", sorted(pm.targeted_module_names))
     names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=names))
